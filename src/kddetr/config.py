@@ -1,0 +1,288 @@
+"""Typed configuration: dataclasses, strict YAML loading, `--set key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from kddetr.errors import UserError
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101
+    weights: Optional[str] = None  # local .pth/.safetensors file (ImageNet or `kddetr pretrain-backbone`)
+    frozen_bn: Optional[bool] = None  # None: frozen when weights are loaded, trainable over random init
+    num_stages: int = 4  # use stages 1..N (4 -> stride 32, 3 -> stride 16)
+    dilation: bool = False
+    train: bool = True  # False freezes every backbone parameter
+
+
+@dataclass
+class LossConfig:
+    cls_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    match_cls_cost: float = 2.0
+    match_bbox_cost: float = 5.0
+    match_giou_cost: float = 2.0
+    aux_loss: bool = True
+
+
+@dataclass
+class DenoisingConfig:
+    enabled: bool = False
+    num_groups: int = 5
+    label_noise: float = 0.2
+    box_noise: float = 0.4
+    loss_weight: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dab_detr"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    hidden_dim: int = 256
+    num_heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    activation: str = "prelu"  # relu | prelu | gelu
+    normalize_before: bool = False  # pre-norm transformer layers
+    num_queries: int = 300
+    num_classes: int = 0  # 0: taken from the dataset's categories
+    num_patterns: int = 0
+    random_refpoints_xy: bool = False
+    modulate_hw_attn: bool = True
+    temperature: float = 10000.0  # sine positional encoding temperature (H and W)
+    loss: LossConfig = field(default_factory=LossConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+
+
+@dataclass
+class DataConfig:
+    train_split: str = "train"
+    val_split: str = "val"
+    train_sizes: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640])
+    eval_size: int = 640  # shorter side at evaluation
+    max_size: int = 1024
+    hflip: bool = True
+    random_crop: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop_epochs: list[int] = field(default_factory=lambda: [40])
+    lr_drop_factor: float = 0.1
+    warmup_steps: int = 0
+    clip_max_norm: float = 0.1
+    amp: bool = False
+    seed: int = 42
+    deterministic: bool = True
+    eval_every: int = 1  # epochs between evaluations (0: only at the end)
+    max_steps: int = 0  # >0 stops after this many steps (for smoke tests and time-boxed runs)
+    max_minutes: float = 0.0  # >0 stops after this many minutes of training
+    log_every: int = 10
+    on_nonfinite: str = "stop"  # stop | skip
+
+
+@dataclass
+class KDConfig:
+    enabled: bool = False
+    method: str = "kd_detr"  # kd_detr | hungarian | none
+    general_points: int = 300
+    general_distribution: str = "logit_normal"  # uniform | logit_normal
+    specific_points: bool = True
+    cls_loss: str = "kl"  # kl (softmax KL, code) | bce (per-class sigmoid)
+    temperature: float = 10.0
+    cls_normalize: bool = False  # False: sum over points (released code); True: FRW-weighted mean
+    foreground_reweight: bool = True
+    layer_mode: str = "last"  # last: every student layer vs the teacher's last | layerwise
+    cls_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML scalars where unambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise UserError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key(cls: type, key: str, where: str) -> UserError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return UserError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `UserError`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, key, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    obj = cls(**kwargs)
+    validate(obj, where)
+    return obj
+
+
+_CHOICES = {
+    ("ModelConfig", "arch"): ("dab_detr",),
+    ("ModelConfig", "activation"): ("relu", "prelu", "gelu"),
+    ("BackboneConfig", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
+    ("KDConfig", "method"): ("kd_detr", "hungarian", "none"),
+    ("KDConfig", "general_distribution"): ("uniform", "logit_normal"),
+    ("KDConfig", "cls_loss"): ("kl", "bce"),
+    ("KDConfig", "layer_mode"): ("last", "layerwise"),
+    ("TrainConfig", "on_nonfinite"): ("stop", "skip"),
+}
+
+_POSITIVE = {("ModelConfig", n) for n in ("hidden_dim", "num_heads", "decoder_layers", "dim_feedforward", "num_queries")}
+_POSITIVE |= {("TrainConfig", n) for n in ("epochs", "batch_size")}
+_POSITIVE |= {("BackboneConfig", "num_stages")}
+
+
+def validate(obj: Any, where: str = "config") -> None:
+    """Value checks that types alone cannot express."""
+    cls = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        choices = _CHOICES.get((cls, f.name))
+        if choices and value not in choices:
+            raise UserError(f"{where}.{f.name}: '{value}' is not one of {', '.join(choices)}")
+        if (cls, f.name) in _POSITIVE and value <= 0:
+            raise UserError(f"{where}.{f.name}: must be > 0, got {value}")
+    if isinstance(obj, ModelConfig) and obj.hidden_dim % obj.num_heads:
+        raise UserError(f"{where}.hidden_dim: {obj.hidden_dim} is not divisible by num_heads={obj.num_heads}")
+    if isinstance(obj, BackboneConfig) and not 1 <= obj.num_stages <= 4:
+        raise UserError(f"{where}.num_stages: must be 1..4, got {obj.num_stages}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=2e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (or defaults when `path` is None), apply overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    where = str(path) if path is not None else "config"
+    return from_dict(Config, data, where)
+
+
+def save_config(cfg: Config, path: str | Path, extra: Optional[dict] = None) -> None:
+    data = to_dict(cfg)
+    if extra:
+        data.update(extra)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

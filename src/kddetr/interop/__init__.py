@@ -1,0 +1,1 @@
+"""Checkpoint interop with HF transformers, official repos and ONNX."""

@@ -1,0 +1,1 @@
+"""KD-DETR distillation: point sampling, losses and the distiller (detector-agnostic)."""

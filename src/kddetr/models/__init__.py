@@ -1,0 +1,1 @@
+"""Detectors, their building blocks, matcher and losses."""

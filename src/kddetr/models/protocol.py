@@ -1,0 +1,79 @@
+"""The detector protocol: the only things `kd/` and `engine/` may rely on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageBatch:
+    """Padded images `[B, 3, H, W]` and their padding mask `[B, H, W]` (True = padding)."""
+
+    tensors: Tensor
+    mask: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ImageBatch":
+        return ImageBatch(self.tensors.to(device, non_blocking=non_blocking),
+                          self.mask.to(device, non_blocking=non_blocking))
+
+    @property
+    def batch_size(self) -> int:
+        return self.tensors.shape[0]
+
+
+@dataclass
+class Queries:
+    """A group of decoder queries: anchors `[B, K, 4]` (cx, cy, w, h in [0, 1]), optional content `[B, K, D]`."""
+
+    anchors: Tensor
+    content: Optional[Tensor] = None
+
+    @property
+    def num_queries(self) -> int:
+        return self.anchors.shape[1]
+
+
+@dataclass
+class DecoderOutput:
+    """Per-layer predictions of one query group: `logits [L, B, Q, C]`, `boxes [L, B, Q, 4]` (cxcywh in [0, 1])."""
+
+    logits: Tensor
+    boxes: Tensor
+
+    @property
+    def pred_logits(self) -> Tensor:
+        return self.logits[-1]
+
+    @property
+    def pred_boxes(self) -> Tensor:
+        return self.boxes[-1]
+
+
+@dataclass
+class DetectorOutput(DecoderOutput):
+    """Detection-query predictions plus, when asked for, isolated extra groups and denoising outputs."""
+
+    extra: list[DecoderOutput] = field(default_factory=list)
+    denoising: Optional[DecoderOutput] = None
+    denoising_meta: Optional[dict[str, Any]] = None
+    encoder_memory: Optional[Tensor] = None  # [B, S, D], for diagnostics only
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What a detector offers to the distiller (see design.md §2)."""
+
+    num_classes: int
+    num_decoder_layers: int
+
+    def encode(self, images: ImageBatch) -> Any: ...
+
+    def decode(self, memory: Any, queries: Optional[Queries] = None) -> DecoderOutput: ...
+
+    def learned_queries(self, batch_size: int) -> Queries: ...
+
+    def __call__(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
+                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput: ...
