@@ -103,8 +103,7 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    enabled: bool = False
-    method: str = "kd_detr"  # kd_detr | hungarian | none
+    method: str = "kd_detr"  # kd_detr | hungarian (inconsistent-points baseline) | none (no-KD student)
     general_points: int = 300
     general_distribution: str = "logit_normal"  # uniform | logit_normal
     specific_points: bool = True

@@ -1,0 +1,149 @@
+"""The `kddetr` command line: data, train, distill, eval, predict, plot, pretrain-backbone, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from kddetr.errors import UserError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("--data", type=Path, required=True, help="COCO-format dataset dir (images/, annotations/)")
+    p.add_argument("--out", type=Path, required=True, help="run directory to create (or resume)")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--batch-size", type=int, help="override train.batch_size (per process)")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kddetr", description="KD-DETR: distil a big DETR into a small one.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate the embedded COCO-format dataset")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--train", type=int, default=2000, help="training images")
+    synth.add_argument("--val", type=int, default=200, help="validation images")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--difficulty", default="easy", help="easy | hard")
+    forest = data.add_parser("deepforest", help="COCO tiles from the aerial tree photos in the deepforest wheel")
+    forest.add_argument("--out", type=Path, required=True)
+    forest.add_argument("--tile-size", type=int, default=400)
+    forest.add_argument("--cache", type=Path, default=None, help="where to keep the downloaded wheel")
+
+    train = sub.add_parser("train", help="train a detector")
+    _add_run_options(train)
+    distill = sub.add_parser("distill", help="distil a teacher checkpoint into a student (KD-DETR)")
+    _add_run_options(distill)
+    distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint directory")
+
+    ev = sub.add_parser("eval", help="COCO AP of a checkpoint")
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--out", type=Path, default=None, help="metrics JSON (results.json is written beside it)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    pr = sub.add_parser("predict", help="draw detections on images")
+    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("inputs", type=Path, nargs="+", help="images or directories of images")
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("--score-threshold", type=float, default=0.3)
+    pr.add_argument("--top-k", type=int, default=100)
+    pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
+    pl.add_argument("runs", type=Path, nargs="+")
+    pl.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "synth":
+        from kddetr.data.synth import generate
+        summary = generate(args.out, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed,
+                           difficulty=args.difficulty)
+    else:
+        from kddetr.data.deepforest import convert
+        summary = convert(args.out, cache_dir=args.cache, tile_size=args.tile_size)
+    print(json.dumps(summary, indent=1))
+
+
+def _run_config(args: argparse.Namespace):
+    from kddetr.config import load_config
+    overrides = list(args.overrides)
+    for flag, key in (("epochs", "train.epochs"), ("batch_size", "train.batch_size"), ("seed", "train.seed")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if resume and not (out / "last").is_dir():
+        raise UserError(f"{out}: nothing to resume (no {out / 'last'} checkpoint)")
+    if not resume and (out / "last").exists():
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+
+
+def cmd_train(args: argparse.Namespace, distill: bool = False) -> None:
+    from kddetr.engine.runner import run_training
+    cfg = _run_config(args)
+    _check_out_dir(args.out, args.resume)
+    metrics = run_training(cfg, args.data, args.out, device=args.device, resume=args.resume,
+                           teacher=args.teacher if distill else None, progress=not args.no_progress)
+    from kddetr.engine.evaluate import print_metrics_table
+    if metrics:
+        print(print_metrics_table(metrics, title=str(args.out)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from kddetr.engine.runner import evaluate_checkpoint
+    evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, args.batch_size, args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from kddetr.engine.predict import predict
+    n = predict(args.checkpoint, args.inputs, args.out, args.score_threshold, args.top_k, args.device)
+    print(f"wrote {n} images and detections.json to {args.out}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from kddetr.viz import plot_runs
+    plot_runs(args.runs, args.out)
+    print(f"wrote {args.out}")
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train(a, distill=True),
+            "eval": cmd_eval, "predict": cmd_predict, "plot": cmd_plot}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"kddetr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kddetr: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Checkpoint directories: `model.safetensors` + `config.yaml` (+ `trainer_state.pt`), written atomically."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kddetr import __version__
+from kddetr.config import Config, from_dict, to_dict
+from kddetr.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class DatasetInfo:
+    """What a checkpoint must know about the data it was trained on."""
+
+    category_ids: list[int] = field(default_factory=list)
+    category_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    config: Config
+    dataset: DatasetInfo
+    path: Path
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished temp dir into place so that a crash never leaves a half-written checkpoint."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, dataset: DatasetInfo,
+                    trainer_state: Optional[dict[str, Any]] = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "kddetr": __version__})
+        meta = to_dict(cfg)
+        meta["dataset"] = {"category_ids": dataset.category_ids, "category_names": dataset.category_names}
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE_FILE)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise UserError(f"{path}: not a checkpoint directory (expected {MODEL_FILE} and {CONFIG_FILE})")
+    if not cfg_file.is_file():
+        raise UserError(f"{cfg_file}: missing checkpoint config")
+    try:
+        data = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg_file}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg_file}: expected a mapping")
+    info = data.pop("dataset", None)
+    if not isinstance(info, dict) or not info.get("category_ids"):
+        raise UserError(f"{cfg_file}: missing 'dataset.category_ids' (which categories the model predicts)")
+    dataset = from_dict(DatasetInfo, info, f"{cfg_file}:dataset")
+    if len(dataset.category_names) != len(dataset.category_ids):
+        raise UserError(f"{cfg_file}: dataset.category_names and category_ids differ in length")
+    return from_dict(Config, data, str(cfg_file)), dataset
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing model weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: cannot read safetensors weights ({e}); the file may be truncated") from None
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with one clear message listing every missing, unexpected or mis-shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:8]) + (f" … (+{len(items) - 8})" if len(items) > 8 else "")
+                parts.append(f"{title}: {shown}")
+        raise UserError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Build the model that `path/config.yaml` describes and load `path/model.safetensors` into it."""
+    from kddetr.models.build import build_detector
+
+    path = Path(path)
+    cfg, dataset = read_checkpoint_config(path)
+    model = build_detector(cfg.model, dataset.num_classes)
+    load_weights_into(model, load_state_dict_file(path / MODEL_FILE), str(path / MODEL_FILE))
+    return Checkpoint(model=model.to(device).eval(), config=cfg, dataset=dataset, path=path)
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise UserError(f"{file}: no trainer state to resume from")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise UserError(f"{file}: cannot load trainer state ({type(e).__name__}: {e})") from None

@@ -1,0 +1,83 @@
+"""Wiring for the CLI: build data, models and objective from a config, then train or evaluate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kddetr.config import Config
+from kddetr.engine import distributed as dist
+from kddetr.engine.checkpoint import load_checkpoint
+from kddetr.engine.evaluate import evaluate, print_metrics_table
+from kddetr.engine.train import DetectionObjective, Trainer, load_datasets, make_loader, seed_everything
+from kddetr.errors import UserError
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    return dist.init_from_env(device)
+
+
+def _check_categories(source: str, ids: list[int], expected: list[int]) -> None:
+    if ids != expected:
+        only_ckpt = sorted(set(ids) - set(expected))
+        only_data = sorted(set(expected) - set(ids))
+        raise UserError(f"{source}: category ids differ from the dataset's "
+                        f"(only in checkpoint: {only_ckpt or 'none'}; only in data: {only_data or 'none'})")
+
+
+def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teacher: Optional[Path],
+                    device: torch.device) -> torch.nn.Module:
+    from kddetr.models.build import build_criterion, build_detector
+
+    student = build_detector(cfg.model, num_classes)
+    criterion = build_criterion(cfg.model, num_classes)
+    if teacher is None or cfg.kd.method == "none":
+        return DetectionObjective(student, criterion)
+    from kddetr.kd.baselines import HungarianKD
+    from kddetr.kd.distiller import Distiller
+
+    ckpt = load_checkpoint(teacher, device)
+    _check_categories(str(teacher), ckpt.dataset.category_ids, category_ids)
+    baseline = HungarianKD(criterion.matcher, cfg.kd.temperature) if cfg.kd.method == "hungarian" else None
+    autocast = torch.bfloat16 if cfg.train.amp else None
+    return Distiller(student, ckpt.model, criterion, cfg.kd, teacher_autocast=autocast, baseline=baseline)
+
+
+def run_training(cfg: Config, data_dir: Path, out_dir: Path, device: str = "cpu", resume: bool = False,
+                 teacher: Optional[Path] = None, progress: bool = True) -> dict[str, float]:
+    """Validate everything, then train (`teacher` given: distil). Nothing is written before validation."""
+    torch_device = resolve_device(device)
+    train_set, val_set = load_datasets(cfg, Path(data_dir))
+    num_classes = len(train_set.category_ids)
+    if cfg.model.num_classes not in (0, num_classes):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but {train_set.annotation_file} "
+                        f"has {num_classes} categories")
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic and torch_device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    objective = build_objective(cfg, num_classes, train_set.category_ids, teacher, torch_device)
+    trainer = Trainer(cfg, objective, train_set, val_set, Path(out_dir), torch_device, progress)
+    return trainer.fit(resume=resume)
+
+
+def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, out: Optional[Path], batch_size: int = 8,
+                        device: str = "cpu", progress: bool = True) -> dict[str, float]:
+    from kddetr.data.coco import build_dataset
+
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, torch_device)
+    dataset = build_dataset(Path(data_dir), split, ckpt.config.data, train=False)
+    _check_categories(str(checkpoint), ckpt.dataset.category_ids, dataset.category_ids)
+    loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers)
+    metrics, results = evaluate(ckpt.model, loader, dataset, torch_device, progress=progress)
+    print(print_metrics_table(metrics, title=f"{checkpoint} on {split}"))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=1))
+        (out.parent / "results.json").write_text(json.dumps(results))
+    return metrics

@@ -1,0 +1,296 @@
+"""The training loop shared by `kddetr train` and `kddetr distill`: optimiser, schedule, logging, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from kddetr.config import Config, TrainConfig, save_config
+from kddetr.data.coco import CocoDetection, build_dataset
+from kddetr.data.collate import collate
+from kddetr.engine import distributed as dist
+from kddetr.engine.checkpoint import (DatasetInfo, load_state_dict_file, load_trainer_state, load_weights_into,
+                                      save_checkpoint, MODEL_FILE)
+from kddetr.engine.diagnostics import collapse_stats
+from kddetr.engine.evaluate import evaluate
+from kddetr.errors import UserError
+from kddetr.models.protocol import DetectorOutput, ImageBatch
+
+LossDict = dict[str, Tensor]
+
+
+class DetectionObjective(nn.Module):
+    """Plain detector training: the criterion on the detection queries."""
+
+    def __init__(self, student: nn.Module, criterion: Callable[..., LossDict]) -> None:
+        super().__init__()
+        self.student = student
+        self.criterion = criterion
+
+    def forward(self, images: ImageBatch, targets: list[dict[str, Tensor]]) -> tuple[DetectorOutput, LossDict]:
+        outputs = self.student(images, targets)
+        return outputs, dict(self.criterion(outputs, targets))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr_backbone})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then × `lr_drop_factor` at each epoch in `lr_drop_epochs`."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    epoch = step // max(1, steps_per_epoch)
+    drops = sum(epoch >= e for e in cfg.lr_drop_epochs)
+    return warm * cfg.lr_drop_factor**drops
+
+
+def make_loader(dataset: CocoDetection, batch_size: int, train: bool, num_workers: int,
+                sampler: Optional[DistributedSampler] = None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, drop_last=train, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+
+class Trainer:
+    """Trains `objective.student` with `objective`'s losses; writes a run directory."""
+
+    def __init__(self, cfg: Config, objective: nn.Module, train_set: CocoDetection, val_set: Optional[CocoDetection],
+                 out_dir: Path, device: torch.device, progress: bool = True) -> None:
+        self.cfg, self.objective, self.device = cfg, objective.to(device), device
+        self.student: nn.Module = objective.student
+        self.train_set, self.val_set = train_set, val_set
+        self.paths = RunPaths(Path(out_dir))
+        self.progress = progress and dist.is_main_process()
+        self.dataset_info = DatasetInfo(train_set.category_ids, train_set.category_names)
+        tc = cfg.train
+        self.sampler = DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(),
+                                          shuffle=True, seed=tc.seed, drop_last=True)
+        self.loader = make_loader(train_set, tc.batch_size, True, cfg.data.num_workers, self.sampler)
+        if len(self.loader) == 0:
+            raise UserError(f"{train_set.annotation_file}: {len(train_set)} training images are fewer than one "
+                            f"batch of {tc.batch_size} per process; lower train.batch_size")
+        self.optimizer = build_optimizer(self.student, tc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, len(self.loader), tc))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=tc.amp and device.type == "cuda"
+                                           and not torch.cuda.is_bf16_supported())
+        self.epoch = self.step = 0
+        self.best_ap = -1.0
+        self.writer = None
+
+    # ---- state -------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+                "objective": self.objective.extra_state()}
+
+    def resume(self) -> None:
+        last = self.paths.last
+        state = load_trainer_state(last)
+        load_weights_into(self.student, load_state_dict_file(last / MODEL_FILE), str(last / MODEL_FILE))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.objective.load_extra_state(state["objective"])
+        self.epoch, self.step, self.best_ap = state["epoch"], state["step"], state["best_ap"]
+
+    def save(self, path: Path, with_state: bool) -> None:
+        if dist.is_main_process():
+            save_checkpoint(path, self.student, self.cfg, self.dataset_info,
+                            self.trainer_state() if with_state else None)
+
+    # ---- loop --------------------------------------------------------------------------------------
+    def _log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+
+    def train_step(self, images: ImageBatch, targets: list[dict[str, Tensor]]) -> Optional[tuple[LossDict, DetectorOutput]]:
+        tc = self.cfg.train
+        images = images.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with _autocast(self.device, tc.amp):
+            outputs, losses = self.objective(images, targets)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            msg = f"non-finite loss at step {self.step} (epoch {self.epoch}): {', '.join(bad) or 'total'}"
+            if tc.on_nonfinite == "skip":
+                tqdm.write(f"warning: {msg}; batch skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            raise NonFiniteLossError(msg + f"; the last good checkpoint is in {self.paths.last}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if tc.clip_max_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.clip_max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        losses["loss"] = total
+        return losses, outputs
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_set is None:
+            return {}
+        loader = make_loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.data.num_workers)
+        metrics, _ = evaluate(self.student, loader, self.val_set, self.device, progress=self.progress)
+        return metrics
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        tc = self.cfg.train
+        if resume:
+            self.resume()
+        elif dist.is_main_process():
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            self.paths.metrics.write_text("")
+        if dist.is_main_process():
+            save_config(self.cfg, self.paths.root / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.paths.root / "tb"), purge_step=self.step or None)
+        start, last_metrics = time.time(), {}
+        stop = False
+        while self.epoch < tc.epochs and not stop:
+            self.sampler.set_epoch(self.epoch)
+            seed_everything(tc.seed * 1000 + self.epoch * 7919 + dist.rank())
+            self.objective.train()
+            sums: dict[str, float] = {}
+            count, epoch_start = 0, time.time()
+            bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{tc.epochs}", disable=not self.progress,
+                       leave=False, dynamic_ncols=True)
+            for images, targets in bar:
+                result = self.train_step(images, targets)
+                self.step += 1
+                if result is not None:
+                    losses, outputs = result
+                    values = {k: float(v) for k, v in losses.items()}
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    if self.step % tc.log_every == 0 or count == 1:
+                        diag = collapse_stats(outputs)
+                        self._log({f"train/{k}": v for k, v in values.items()} | diag
+                                  | {"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+                        bar.set_postfix(_postfix(values, diag))
+                if (tc.max_steps and self.step >= tc.max_steps) or \
+                        (tc.max_minutes and time.time() - start > tc.max_minutes * 60):
+                    stop = True
+                    break
+            self.epoch += 1
+            epoch_time = time.time() - epoch_start
+            record = {"epoch": self.epoch, "step": self.step, "time_s": round(time.time() - start, 2),
+                      "s_per_step": round(epoch_time / max(1, count), 4), "lr": self.optimizer.param_groups[0]["lr"]}
+            record |= {f"train/{k}": v / max(1, count) for k, v in sorted(sums.items())}
+            last_epoch = self.epoch >= tc.epochs or stop
+            if (tc.eval_every and self.epoch % tc.eval_every == 0) or last_epoch:
+                last_metrics = self.evaluate()
+                record |= last_metrics
+                self._log({f"val/{k}": v for k, v in last_metrics.items()}, self.step)
+            self._finish_epoch(record, last_metrics)
+        if self.writer is not None:
+            self.writer.close()
+        return last_metrics
+
+    def _finish_epoch(self, record: dict[str, Any], metrics: dict[str, float]) -> None:
+        if not dist.is_main_process():
+            return
+        improved = bool(metrics) and metrics.get("AP", -1.0) > self.best_ap
+        if improved:
+            self.best_ap = metrics["AP"]
+        self.save(self.paths.last, with_state=True)
+        if improved:
+            self.save(self.paths.best, with_state=False)
+        with self.paths.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        summary = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k in ("train/loss", "AP", "AP50"))
+        tqdm.write(f"epoch {record['epoch']}: {summary} ({record['s_per_step']:.3f} s/step)")
+
+
+def _postfix(values: dict[str, float], diag: dict[str, float]) -> dict[str, str]:
+    det = sum(v for k, v in values.items() if k.startswith(("loss_", "dn_")))
+    kd = sum(v for k, v in values.items() if "kd_" in k)
+    out = {"loss": f"{values['loss']:.3f}", "det": f"{det:.3f}"}
+    if kd:
+        out["kd"] = f"{kd:.3f}"
+    if "spread/encoder" in diag:
+        out["enc_spread"] = f"{diag['spread/encoder']:.3f}"
+    out["box_spread"] = f"{diag['spread/boxes']:.3f}"
+    return out
+
+
+def load_datasets(cfg: Config, data_dir: Path) -> tuple[CocoDetection, Optional[CocoDetection]]:
+    train_set = build_dataset(data_dir, cfg.data.train_split, cfg.data, train=True)
+    ann = Path(data_dir) / "annotations" / f"instances_{cfg.data.val_split}.json"
+    val_set = build_dataset(data_dir, cfg.data.val_split, cfg.data, train=False) if ann.exists() else None
+    if val_set is not None and val_set.category_ids != train_set.category_ids:
+        raise UserError(f"{ann}: categories differ from the training split's")
+    return train_set, val_set

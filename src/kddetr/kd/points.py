@@ -1,0 +1,92 @@
+"""Distillation-point sampling: general (random anchors) and specific (the teacher's own queries)."""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+import torch
+
+from kddetr.config import KDConfig
+from kddetr.models.protocol import Queries
+
+
+class PointSampler(Protocol):
+    """Builds one group of distillation queries for a batch; shared by teacher and student."""
+
+    name: str
+
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any) -> Queries: ...
+
+
+class GeneralPoints:
+    """K random anchors over the whole image, resampled every step, one set for the whole batch.
+
+    `uniform`: centres and sizes uniform in (0, 1) (the paper). `logit_normal`: sigmoid(N(0, 1))
+    per coordinate (the released code; boxes cluster at the centre, median w, h = 0.5).
+    The sampler owns its generator so that runs are reproducible and resumable.
+    """
+
+    name = "general"
+
+    def __init__(self, num_points: int, distribution: str = "uniform", seed: int = 0) -> None:
+        if distribution not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown point distribution {distribution!r}")
+        self.num_points = num_points
+        self.distribution = distribution
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample_anchors(self) -> torch.Tensor:
+        shape = (self.num_points, 4)
+        if self.distribution == "uniform":
+            anchors = torch.rand(shape, generator=self.generator)
+        else:
+            anchors = torch.randn(shape, generator=self.generator).sigmoid()
+        return anchors.clamp(1e-4, 1 - 1e-4)
+
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any = None, teacher_memory: Any = None) -> Queries:
+        anchors = self.sample_anchors().to(device)
+        return Queries(anchors=anchors.unsqueeze(0).expand(batch_size, -1, -1))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class SpecificPoints:
+    """The teacher's learned detection queries: their anchors (per image for query-selecting detectors).
+
+    The content part is left empty (zeros), as in the released code: teacher and student widths may differ.
+    """
+
+    name = "specific"
+
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any = None) -> Queries:
+        queries = teacher.learned_queries(batch_size, memory=teacher_memory)
+        return Queries(anchors=queries.anchors.detach().to(device))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_samplers(cfg: KDConfig) -> list[PointSampler]:
+    """The groups of distillation points that `cfg` asks for, general first."""
+    samplers: list[PointSampler] = []
+    if cfg.general_points > 0:
+        samplers.append(GeneralPoints(cfg.general_points, cfg.general_distribution, cfg.seed))
+    if cfg.specific_points:
+        samplers.append(SpecificPoints())
+    return samplers
+
+
+def sampler_states(samplers: list[PointSampler]) -> dict[str, Any]:
+    return {s.name: s.state_dict() for s in samplers}
+
+
+def load_sampler_states(samplers: list[PointSampler], states: Optional[dict[str, Any]]) -> None:
+    for s in samplers:
+        if states and s.name in states:
+            s.load_state_dict(states[s.name])
