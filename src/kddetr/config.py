@@ -57,13 +57,16 @@ class ModelConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.0
     activation: str = "prelu"  # relu | prelu | gelu
-    normalize_before: bool = False  # pre-norm transformer layers
+    # DAB-DETR `--pre_norm` (official and HF alike): a LayerNorm on the encoder output; layers stay post-norm
+    normalize_before: bool = False
+    pre_norm_layers: bool = False  # DETR-style pre-norm sublayers (LayerNorm before attention/FFN); not in DAB-DETR
     num_queries: int = 300
     num_classes: int = 0  # 0: taken from the dataset's categories
     num_patterns: int = 0
     random_refpoints_xy: bool = False
     modulate_hw_attn: bool = True
-    temperature: float = 10000.0  # sine positional encoding temperature (H and W)
+    temperature: float = 20.0  # image sine positional encoding temperature, H and W (DAB-DETR pe_temperatureH/W)
+    group_isolation: str = "separate"  # extra query groups: separate (one decoder pass each) | mask (one pass, block-diagonal mask)
     loss: LossConfig = field(default_factory=LossConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
 
@@ -206,6 +209,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
 _CHOICES = {
     ("ModelConfig", "arch"): ("dab_detr",),
     ("ModelConfig", "activation"): ("relu", "prelu", "gelu"),
+    ("ModelConfig", "group_isolation"): ("separate", "mask"),
     ("BackboneConfig", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
     ("KDConfig", "method"): ("kd_detr", "hungarian", "none"),
     ("KDConfig", "general_distribution"): ("uniform", "logit_normal"),

@@ -54,7 +54,7 @@ def run_training(cfg: Config, data_dir: Path, out_dir: Path, device: str = "cpu"
     train_set, val_set = load_datasets(cfg, Path(data_dir))
     num_classes = len(train_set.category_ids)
     if cfg.model.num_classes not in (0, num_classes):
-        raise UserError(f"model.num_classes={cfg.model.num_classes} but {train_set.annotation_file} "
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but {train_set.ann_file} "
                         f"has {num_classes} categories")
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic and torch_device.type == "cpu":

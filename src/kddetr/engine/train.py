@@ -131,7 +131,7 @@ class Trainer:
                                           shuffle=True, seed=tc.seed, drop_last=True)
         self.loader = make_loader(train_set, tc.batch_size, True, cfg.data.num_workers, self.sampler)
         if len(self.loader) == 0:
-            raise UserError(f"{train_set.annotation_file}: {len(train_set)} training images are fewer than one "
+            raise UserError(f"{train_set.ann_file}: {len(train_set)} training images are fewer than one "
                             f"batch of {tc.batch_size} per process; lower train.batch_size")
         self.optimizer = build_optimizer(self.student, tc)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
