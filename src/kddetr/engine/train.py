@@ -196,7 +196,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        losses["loss"] = total
+        losses["loss"] = total.detach()
         return losses, outputs
 
     def evaluate(self) -> dict[str, float]:
@@ -223,7 +223,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             seed_everything(tc.seed * 1000 + self.epoch * 7919 + dist.rank())
             self.objective.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, Tensor] = {}
             count, epoch_start = 0, time.time()
             bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{tc.epochs}", disable=not self.progress,
                        leave=False, dynamic_ncols=True)
@@ -232,11 +232,11 @@ class Trainer:
                 self.step += 1
                 if result is not None:
                     losses, outputs = result
-                    values = {k: float(v) for k, v in losses.items()}
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                    for k, v in losses.items():  # kept on the device: no host sync in the step
+                        sums[k] = sums.get(k, 0.0) + v.detach()
                     count += 1
                     if self.step % tc.log_every == 0 or count == 1:
+                        values = {k: float(v) for k, v in losses.items()}
                         diag = collapse_stats(outputs)
                         self._log({f"train/{k}": v for k, v in values.items()} | diag
                                   | {"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
@@ -249,7 +249,7 @@ class Trainer:
             epoch_time = time.time() - epoch_start
             record = {"epoch": self.epoch, "step": self.step, "time_s": round(time.time() - start, 2),
                       "s_per_step": round(epoch_time / max(1, count), 4), "lr": self.optimizer.param_groups[0]["lr"]}
-            record |= {f"train/{k}": v / max(1, count) for k, v in sorted(sums.items())}
+            record |= {f"train/{k}": float(v) / max(1, count) for k, v in sorted(sums.items())}
             last_epoch = self.epoch >= tc.epochs or stop
             if (tc.eval_every and self.epoch % tc.eval_every == 0) or last_epoch:
                 last_metrics = self.evaluate()

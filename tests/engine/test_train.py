@@ -1,0 +1,94 @@
+"""End-to-end engine behaviour on a tiny model: train, resume, distil, non-finite losses."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kddetr.config import load_config
+from kddetr.data.synth import generate
+from kddetr.engine.checkpoint import load_checkpoint
+from kddetr.engine.runner import run_training
+from kddetr.engine.train import NonFiniteLossError
+from kddetr.models.build import build_detector, count_parameters
+
+TINY = Path(__file__).parent.parent / "fixtures" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, num_train=8, num_val=4, size=64, seed=0)
+    return root
+
+
+def _cfg(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def teacher(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run_training(_cfg("train.epochs=1", "model.hidden_dim=48"), data_dir, out, progress=False)
+    return out / "last"
+
+
+def _weights(run):
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def test_resume_gives_identical_weights(data_dir, tmp_path):
+    run_training(_cfg("train.epochs=2"), data_dir, tmp_path / "straight", progress=False)
+    run_training(_cfg("train.epochs=1"), data_dir, tmp_path / "split", progress=False)
+    run_training(_cfg("train.epochs=2"), data_dir, tmp_path / "split", resume=True, progress=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"epoch": 2' in lines[1]
+    state = torch.load(tmp_path / "split" / "last" / "trainer_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 4
+
+
+def test_run_dir_contents_and_metrics(data_dir, tmp_path):
+    metrics = run_training(_cfg("train.epochs=1"), data_dir, tmp_path / "run", progress=False)
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "last/model.safetensors", "last/config.yaml",
+                 "last/trainer_state.pt", "best/model.safetensors"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    ckpt = load_checkpoint(run / "best")
+    assert ckpt.dataset.category_names[0] == "digit_0" and ckpt.dataset.num_classes == 10
+
+
+@pytest.mark.parametrize("method", ["kd_detr", "hungarian"])
+def test_distillation_trains_student_only(data_dir, teacher, tmp_path, method):
+    before = load_file(str(teacher / "model.safetensors"))
+    run_training(_cfg("train.epochs=1", f"kd.method={method}"), data_dir, tmp_path / "kd", teacher=teacher,
+                 progress=False)
+    after = load_file(str(teacher / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    student = load_checkpoint(tmp_path / "kd" / "last").model
+    plain = build_detector(_cfg().model, 10)
+    assert set(student.state_dict()) == set(plain.state_dict())
+    assert count_parameters(student) == count_parameters(plain)
+    rows = (tmp_path / "kd" / "metrics.jsonl").read_text()
+    prefix = "general/kd_cls" if method == "kd_detr" else "hungarian/kd_cls"
+    assert f"train/{prefix}" in rows
+
+
+def test_nonfinite_loss_stops_with_term_and_step(data_dir, tmp_path, monkeypatch):
+    from kddetr.models import criterion as crit
+    original = crit.SetCriterion.forward
+
+    def poisoned(self, outputs, targets):
+        losses = original(self, outputs, targets)
+        losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(crit.SetCriterion, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 0 .*loss_giou"):
+        run_training(_cfg("train.epochs=1"), data_dir, tmp_path / "nan", progress=False)
+    run_training(_cfg("train.epochs=1", "train.on_nonfinite=skip"), data_dir, tmp_path / "skip", progress=False)
+    assert (tmp_path / "skip" / "last" / "model.safetensors").is_file()

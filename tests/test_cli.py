@@ -1,0 +1,75 @@
+"""The command line as users type it: one flow through every command, and the bad-input contract."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kddetr.cli import main
+
+TINY = str(Path(__file__).parent / "fixtures" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data, run = root / "data", root / "run"
+    assert main(["data", "synth", "--out", str(data), "--train", "8", "--val", "4", "--size", "64"]) == 0
+    assert main(["train", TINY, "--data", str(data), "--out", str(run), "--epochs", "1", "--no-progress"]) == 0
+    return root, data, run
+
+
+def test_train_eval_predict_plot(flow, capsys):
+    root, data, run = flow
+    out = root / "eval" / "metrics.json"
+    assert main(["eval", str(run / "best"), "--data", str(data), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "AP50" in printed
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    results = json.loads((out.parent / "results.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    assert 1 <= results[0]["category_id"] <= 10
+
+    pred = root / "pred"
+    images = sorted((data / "images" / "val").iterdir())
+    assert main(["predict", str(run / "best"), str(images[0]), str(data / "images" / "val"), "--out", str(pred),
+                 "--score-threshold", "0", "--top-k", "5"]) == 0
+    dets = json.loads((pred / "detections.json").read_text())
+    assert len(list(pred.glob("*.png"))) == len(images)
+    assert len(dets) == 5 * (len(images) + 1) and {"file_name", "bbox", "score", "category_id"} <= set(dets[0])
+
+    png = root / "curves.png"
+    assert main(["plot", str(run), str(run), "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--set", "model.hiden_dim=3"], "Did you mean 'hidden_dim'"),
+    (["--set", "train.lr=abc"], "expected a number"),
+])
+def test_bad_config_exits_2_and_writes_nothing(flow, tmp_path, capsys, args, fragment):
+    _, data, _ = flow
+    out = tmp_path / "never"
+    assert main(["train", TINY, "--data", str(data), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume_and_missing_teacher_is_clear(flow, capsys):
+    _, data, run = flow
+    assert main(["train", TINY, "--data", str(data), "--out", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["distill", TINY, "--teacher", str(run / "nope"), "--data", str(data), "--out", str(run.parent / "kd")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert not (run.parent / "kd").exists()
+
+
+def test_console_script_exit_code_and_debug(tmp_path):
+    cmd = [sys.executable, "-m", "kddetr", "eval", str(tmp_path / "missing"), "--data", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "kddetr: error:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kddetr", "--debug", *cmd[3:]], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
