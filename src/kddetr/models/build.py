@@ -1,0 +1,26 @@
+"""Build detectors and their criteria from the model config."""
+from __future__ import annotations
+
+from torch import nn
+
+from kddetr.config import ModelConfig
+from kddetr.errors import UserError
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    if cfg.arch == "dab_detr":
+        from kddetr.models.dab_detr import DABDETR
+
+        return DABDETR(cfg, num_classes)
+    raise UserError(f"model.arch: unknown architecture {cfg.arch!r}")
+
+
+def build_criterion(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    from kddetr.models.criterion import build_criterion as build
+
+    return build(cfg, num_classes)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements, shared tensors once; `trainable_only`: those that require grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
