@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from kddetr.config import ModelConfig
 from kddetr.models.backbone import Backbone
+from kddetr.models.denoising import DenoisingGenerator, DenoisingGroups, denoising_attn_mask
 from kddetr.models.layers import MLP, inverse_sigmoid
 from kddetr.models.position import PositionEmbeddingSine
 from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
@@ -37,7 +38,8 @@ class DABDETR(nn.Module):
     Implements the detector protocol (`models/protocol.py`). Decoder queries are anchors `[B, Q, 4]`
     (cx, cy, w, h in [0, 1]) with a content part (zeros unless given or `num_patterns` > 0). Extra
     query groups never see the detection queries nor each other (`group_isolation`: one decoder pass
-    per group, or one pass under a block-diagonal self-attention mask).
+    per group, or one pass under a block-diagonal self-attention mask). In training, with
+    `denoising.enabled` and targets, DN-DETR denoising groups are decoded beside the detection queries.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
@@ -62,6 +64,7 @@ class DABDETR(nn.Module):
         self.patterns = nn.Embedding(cfg.num_patterns, dim) if cfg.num_patterns > 0 else None
         self.class_embed = nn.Linear(dim, num_classes)
         self.bbox_embed = MLP(dim, dim, 4, 3)
+        self.denoising = DenoisingGenerator(cfg.denoising, num_classes, dim) if cfg.denoising.enabled else None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -138,13 +141,36 @@ class DABDETR(nn.Module):
         contents, anchors = zip(*(self._inputs(memory, group) for group in groups))
         sizes = [a.shape[1] for a in anchors]
         mask = block_diagonal_mask(sizes, memory.memory.device)
-        out = self._decode(torch.cat(contents, dim=1), torch.cat(anchors, dim=1), memory, mask)
-        return [DecoderOutput(logits, boxes)
-                for logits, boxes in zip(out.logits.split(sizes, dim=2), out.boxes.split(sizes, dim=2))]
+        return _split(self._decode(torch.cat(contents, dim=1), torch.cat(anchors, dim=1), memory, mask), sizes)
+
+    def decode_with_denoising(self, memory: EncoderMemory, denoising: DenoisingGroups,
+                              groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
+        """`[denoising, *groups]` outputs: the denoising groups and `groups[0]` (the detection queries) in one pass
+        under the DN-DETR mask, the other groups in that pass too under `group_isolation="mask"`, else one pass each.
+        """
+        joint = list(groups) if self.group_isolation == "mask" else list(groups[:1])
+        contents, anchors = zip(*(self._inputs(memory, group) for group in [denoising.queries, *joint]))
+        sizes = [a.shape[1] for a in anchors]
+        mask = denoising_attn_mask(denoising.valid, denoising.num_groups, sizes[1:])
+        outputs = _split(self._decode(torch.cat(contents, dim=1), torch.cat(anchors, dim=1), memory, mask), sizes)
+        rest = groups[len(joint):]
+        return outputs + (self.decode_groups(memory, rest) if rest else [])
 
     def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
         memory = self.encode(images)
-        detections, *extra = self.decode_groups(memory, [None, *(extra_queries or [])])
-        return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra,
-                              encoder_memory=memory.memory)
+        groups = [None, *(extra_queries or [])]
+        if not self.training or self.denoising is None or targets is None:
+            detections, *extra = self.decode_groups(memory, groups)
+            return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra,
+                                  encoder_memory=memory.memory)
+        denoising = self.denoising(targets)
+        noised, detections, *extra = self.decode_with_denoising(memory, denoising, groups)
+        return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
+                              denoising_meta=denoising.meta, encoder_memory=memory.memory)
+
+
+def _split(out: DecoderOutput, sizes: Sequence[int]) -> list[DecoderOutput]:
+    """One output per group of `sizes` consecutive queries."""
+    return [DecoderOutput(logits, boxes) for logits, boxes in zip(out.logits.split(sizes, dim=2),
+                                                                  out.boxes.split(sizes, dim=2))]

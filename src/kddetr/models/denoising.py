@@ -1,0 +1,107 @@
+"""DN-DETR denoising queries: noised copies of the ground truth in groups, and the mask that keeps them apart."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from kddetr.config import DenoisingConfig
+from kddetr.errors import UserError
+from kddetr.models.protocol import Queries
+
+# Smallest noised width/height. The decoder divides by them; DN-DAB-DETR's logit round trip
+# (inverse_sigmoid, eps 1e-5) bounds them the same way.
+MIN_SIZE = 1e-5
+
+
+@dataclass
+class DenoisingGroups:
+    """`num_groups` groups of `single_pad` queries per image, group-major: query `g * P + j` of image b is a
+    noised copy of its target j for j < n_b (the layout `criterion.denoising_indices` expects); the
+    others are padding, False in `valid [B, G * P]`."""
+
+    queries: Queries
+    valid: Tensor
+    num_groups: int
+    single_pad: int
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"num_groups": self.num_groups, "single_pad": self.single_pad}
+
+
+def noise_labels(labels: Tensor, ratio: float, num_classes: int,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """Each label replaced with probability `ratio` by a uniformly drawn class (possibly itself, as in DN-DETR)."""
+    flip = torch.rand(labels.shape, generator=generator, device=labels.device) < ratio
+    drawn = torch.randint(num_classes, labels.shape, generator=generator, device=labels.device)
+    return torch.where(flip, drawn, labels)
+
+
+def noise_boxes(boxes: Tensor, scale: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """cxcywh boxes with centres moved by up to `scale` * (w/2, h/2) and sizes scaled by [1 - scale, 1 + scale].
+
+    Uniform noise as in DN-DETR, then clamped to the image: centres to [0, 1], sizes to [MIN_SIZE, 1].
+    """
+    wh = boxes[..., 2:]
+    spread = torch.cat((wh / 2, wh), dim=-1) * scale
+    uniform = torch.rand(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype) * 2 - 1
+    noised = boxes + uniform * spread
+    return torch.cat((noised[..., :2].clamp(0, 1), noised[..., 2:].clamp(MIN_SIZE, 1)), dim=-1)
+
+
+def denoising_attn_mask(valid: Tensor, num_groups: int, sizes: Sequence[int]) -> Tensor:
+    """`[B, N, N]` self-attention mask, True = blocked, for denoising groups followed by query groups of `sizes`.
+
+    Every query sees its own group. Denoising queries also see `sizes[0]`, the detection queries, as in
+    DN-DETR; the detection queries never see them, and later groups (e.g. distillation queries) see and
+    are seen by no other group. Padding denoising queries (`valid` False) are seen by none but themselves.
+    """
+    device = valid.device
+    pad = valid.shape[1] // num_groups
+    group = torch.repeat_interleave(torch.tensor([pad] * num_groups + list(sizes), device=device))
+    sees = group[:, None] == group[None, :]
+    sees |= (group < num_groups)[:, None] & (group == num_groups)[None, :]
+    visible = torch.cat((valid, valid.new_ones(valid.shape[0], sum(sizes))), dim=1)
+    sees = sees & visible[:, None, :] | torch.eye(len(group), dtype=torch.bool, device=device)
+    return ~sees
+
+
+class DenoisingGenerator(nn.Module):
+    """Builds the denoising groups of a batch from its targets (labels `[n]`, boxes `[n, 4]` cxcywh in [0, 1]).
+
+    Anchors are the noised boxes. Content is a learned embedding of the noised label in `hidden_dim - 1`
+    dims plus an indicator dim set to 1 (DN-DAB-DETR). Our detection queries keep their zero content, so
+    their indicator is 0 and a denoising query is always told apart from a detection query, whatever the
+    embedding learns; unlike DN-DAB-DETR there is no extra "unknown class" row, the detection queries
+    do not use it.
+    """
+
+    def __init__(self, cfg: DenoisingConfig, num_classes: int, hidden_dim: int) -> None:
+        super().__init__()
+        if cfg.num_groups < 1:
+            raise UserError(f"model.denoising.num_groups: must be >= 1, got {cfg.num_groups}")
+        if not 0 <= cfg.label_noise <= 1:
+            raise UserError(f"model.denoising.label_noise: must be in [0, 1], got {cfg.label_noise}")
+        if cfg.box_noise < 0:
+            raise UserError(f"model.denoising.box_noise: must be >= 0, got {cfg.box_noise}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes, hidden_dim - 1)
+
+    def forward(self, targets: list[dict[str, Tensor]],
+                generator: Optional[torch.Generator] = None) -> DenoisingGroups:
+        device = self.label_embed.weight.device
+        sizes = [len(t["labels"]) for t in targets]
+        pad, groups = max(sizes, default=0), self.cfg.num_groups
+        labels = pad_sequence([t["labels"] for t in targets], batch_first=True).to(device)
+        boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=0.5).to(device)
+        labels = noise_labels(labels.repeat(1, groups), self.cfg.label_noise, self.num_classes, generator)
+        boxes = noise_boxes(boxes.repeat(1, groups, 1), self.cfg.box_noise, generator)
+        embedding = self.label_embed(labels)
+        content = torch.cat((embedding, embedding.new_ones(*labels.shape, 1)), dim=-1)
+        valid = torch.arange(pad, device=device) < torch.tensor(sizes, device=device)[:, None]
+        return DenoisingGroups(Queries(boxes, content), valid.repeat(1, groups), groups, pad)
