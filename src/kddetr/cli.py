@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=100)
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+    pt = sub.add_parser("pretrain-backbone", help="pretrain a ResNet on object/background crops (offline ImageNet stand-in)")
+    pt.add_argument("--data", type=Path, required=True, help="COCO-format dataset dir")
+    pt.add_argument("--arch", default="resnet18", help="resnet10 | resnet18 | resnet34 | resnet50 | resnet101")
+    pt.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
+    pt.add_argument("--num-stages", type=int, default=4, help="ResNet stages the detector uses (3: stride 16)")
+    pt.add_argument("--minutes", type=float, default=3.5, help="training time limit")
+    pt.add_argument("--max-steps", type=int, default=0, help="step limit (0: none)")
+    pt.add_argument("--crop-size", type=int, default=64)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--seed", type=int, default=0)
+
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
     pl.add_argument("runs", type=Path, nargs="+")
     pl.add_argument("--out", type=Path, required=True)
@@ -126,8 +137,16 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from kddetr.engine.pretrain import pretrain_backbone
+    summary = pretrain_backbone(args.data, args.arch, args.out, num_stages=args.num_stages, minutes=args.minutes,
+                                max_steps=args.max_steps, crop_size=args.crop_size, lr=args.lr, seed=args.seed)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}; use it with --set model.backbone.weights={args.out}")
+
+
 COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train(a, distill=True),
-            "eval": cmd_eval, "predict": cmd_predict, "plot": cmd_plot}
+            "eval": cmd_eval, "pretrain-backbone": cmd_pretrain, "predict": cmd_predict, "plot": cmd_plot}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,6 +19,7 @@ class BackboneConfig:
     name: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101
     weights: Optional[str] = None  # local .pth/.safetensors file (ImageNet or `kddetr pretrain-backbone`)
     frozen_bn: Optional[bool] = None  # None: frozen when weights are loaded, trainable over random init
+    freeze_stem: Optional[bool] = None  # stem + stage 1 frozen; None: frozen when weights are loaded (as DETR)
     num_stages: int = 4  # use stages 1..N (4 -> stride 32, 3 -> stride 16)
     dilation: bool = False
     train: bool = True  # False freezes every backbone parameter

@@ -32,12 +32,13 @@ class Backbone(nn.Module):
 
     Norm layers are `FrozenBatchNorm2d` when `frozen_bn` (default: iff `weights` are loaded; over random
     weights a frozen BN is a fixed identity, so it stays trainable). `train=False` freezes every
-    parameter and keeps BN statistics fixed; when training over loaded weights the stem and stage 1
-    stay frozen, as in DETR. Parameter names are torchvision's, under `body.`.
+    parameter and keeps BN statistics fixed; `freeze_stem` (default: iff `weights` are loaded, as in
+    DETR) keeps the stem and stage 1 frozen. Parameter names are torchvision's, under `body.`.
     """
 
     def __init__(self, name: str = "resnet50", num_stages: int = 4, weights: Optional[str] = None,
-                 frozen_bn: Optional[bool] = None, dilation: bool = False, train: bool = True) -> None:
+                 frozen_bn: Optional[bool] = None, dilation: bool = False, train: bool = True,
+                 freeze_stem: Optional[bool] = None) -> None:
         super().__init__()
         if name not in RESNETS:
             raise UserError(f"model.backbone.name: unknown backbone {name!r}; expected one of {', '.join(RESNETS)}")
@@ -60,14 +61,15 @@ class Backbone(nn.Module):
         if weights is not None:
             load_resnet_weights(self.body, weights)
         self.trainable = train
+        freeze_stem = weights is not None if freeze_stem is None else freeze_stem
         for key, param in self.body.named_parameters():
-            if not train or (weights is not None and not key.startswith(("layer2", "layer3", "layer4"))):
+            if not train or (freeze_stem and not key.startswith(("layer2", "layer3", "layer4"))):
                 param.requires_grad_(False)
         self.train()
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig) -> "Backbone":
-        return cls(cfg.name, cfg.num_stages, cfg.weights, cfg.frozen_bn, cfg.dilation, cfg.train)
+        return cls(cfg.name, cfg.num_stages, cfg.weights, cfg.frozen_bn, cfg.dilation, cfg.train, cfg.freeze_stem)
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
