@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table)")
+    bench.add_argument("name", choices=["kd"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
+
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
     pl.add_argument("runs", type=Path, nargs="+")
     pl.add_argument("--out", type=Path, required=True)
@@ -145,8 +149,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; use it with --set model.backbone.weights={args.out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from kddetr.bench import kd_gain
+    kd_gain.main(args.bench_args)
+
+
 COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train(a, distill=True),
-            "eval": cmd_eval, "pretrain-backbone": cmd_pretrain, "predict": cmd_predict, "plot": cmd_plot}
+            "eval": cmd_eval, "pretrain-backbone": cmd_pretrain, "predict": cmd_predict, "plot": cmd_plot, "bench": cmd_bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks behind `kddetr bench` (thin wrappers live in benchmarks/)."""

@@ -1,0 +1,132 @@
+"""KD gain benchmark: no-KD student, Hungarian KD and KD-DETR ablations on the same schedule and seed."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+# name -> (command, extra --set overrides); every student run shares the student config, schedule and seed.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "student (no KD)": ("train", []),
+    "Hungarian KD": ("distill", ["kd.method=hungarian"]),
+    "KD-DETR general": ("distill", ["kd.specific_points=false"]),
+    "KD-DETR specific": ("distill", ["kd.general_points=0"]),
+    "KD-DETR general+specific, no FRW": ("distill", ["kd.foreground_reweight=false"]),
+    "KD-DETR general+specific": ("distill", []),
+}
+DEMO_VARIANTS = ("student (no KD)", "KD-DETR general+specific")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def run_variant(name: str, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
+                threads: int) -> Path:
+    command, extra = VARIANTS[name]
+    run = out / _slug(name)
+    if (run / "metrics.jsonl").is_file() and (run / "last").is_dir() and _final(run).get("AP") is not None:
+        return run  # reuse a finished run
+    args = [sys.executable, "-m", "kddetr", command, str(config), "--data", str(data), "--out", str(run),
+            "--no-progress"]
+    if command == "distill":
+        args += ["--teacher", str(teacher)]
+    if (run / "last").is_dir():
+        args.append("--resume")
+    for item in [*overrides, *extra]:
+        args += ["--set", item]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print("$ " + " ".join(args[1:]).replace(sys.executable, "python"), flush=True)
+    with open(out / f"{_slug(name)}.log", "w") as log:
+        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return run
+
+
+def _final(run: Path) -> dict:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    evaluated = [r for r in rows if "AP" in r]
+    return evaluated[-1] if evaluated else {}
+
+
+def _steps_time(run: Path) -> float:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    times = sorted(r["s_per_step"] for r in rows)
+    return times[len(times) // 2] if times else float("nan")
+
+
+def table(rows: list[tuple[str, dict, float]], teacher_metrics: Optional[dict]) -> str:
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    lines = ["| model | " + " | ".join(keys) + " | s/step |", "|---|" + "---|" * (len(keys) + 1)]
+
+    def fmt(v: float) -> str:
+        return "–" if v is None or v < 0 else f"{v:.1f}"
+
+    if teacher_metrics:
+        lines.append("| teacher | " + " | ".join(fmt(teacher_metrics.get(k)) for k in keys) + " | – |")
+    for name, metrics, step in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt(metrics.get(k)) for k in keys) + f" | {step:.3f} |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _, _ in rows]
+    aps = [m.get("AP", 0.0) for _, m, _ in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    bars = ax.barh(names, aps, color=["#888"] + ["#4363d8"] * (len(rows) - 1))
+    ax.bar_label(bars, fmt="%.1f", padding=3)
+    if teacher_ap is not None:
+        ax.axvline(teacher_ap, color="#e6194b", ls="--", label=f"teacher {teacher_ap:.1f}")
+        ax.legend(loc="lower right")
+    ax.invert_yaxis()
+    ax.set_xlabel("COCO AP (%) on the val split")
+    ax.set_title("KD-DETR on the embedded dataset (same student, schedule and seed)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="kddetr bench kd", description=__doc__)
+    p.add_argument("--data", type=Path, default=Path("data/embedded"))
+    p.add_argument("--teacher", type=Path, default=Path("assets/teacher"))
+    p.add_argument("--config", type=Path, default=Path("configs/embedded_student.yaml"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench_kd"))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--demo", action="store_true", help="only the no-KD student and KD-DETR")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (each gets threads/jobs threads)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
+    args = p.parse_args(argv)
+    variants = list(DEMO_VARIANTS) if args.demo else args.variants
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, args.threads // args.jobs)
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(lambda n: run_variant(n, args.config, args.teacher, args.data, args.out,
+                                                   args.overrides, threads), variants))
+    rows = [(name, _final(run), _steps_time(run)) for name, run in zip(variants, runs)]
+    teacher_file = args.out / "teacher_metrics.json"
+    if not teacher_file.is_file():
+        subprocess.run([sys.executable, "-m", "kddetr", "eval", str(args.teacher), "--data", str(args.data),
+                        "--out", str(teacher_file)], check=True, stdout=subprocess.DEVNULL)
+    teacher_metrics = json.loads(teacher_file.read_text())
+    md = table(rows, teacher_metrics)
+    (args.out / "table.md").write_text(md + "\n")
+    bar_chart(rows, teacher_metrics.get("AP"), args.out / "kd_gain.png")
+    print(md)
+    print(f"\n{len(rows)} runs in {(time.time() - start) / 60:.1f} min; table.md and kd_gain.png in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
