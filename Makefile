@@ -20,8 +20,21 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# The distillation demo: embedded dataset -> committed teacher -> no-KD student vs KD-DETR student.
+DEMO_DATA ?= data/embedded
+DEMO_OUT ?= runs/demo
+DEMO_EPOCHS ?= 3
+TEACHER ?= assets/teacher
+
 demo: install
-	$(BIN)/python scripts/demo.py
+	test -f $(DEMO_DATA)/annotations/instances_val.json || \
+		$(BIN)/kddetr data synth --out $(DEMO_DATA) --train 2000 --val 200 --size 128 --seed 0
+	test -f $(TEACHER)/model.safetensors || \
+		{ $(BIN)/kddetr train configs/embedded_teacher.yaml --data $(DEMO_DATA) --out runs/teacher && \
+		  mkdir -p $(dir $(TEACHER)) && cp -r runs/teacher/last $(TEACHER) && rm -f $(TEACHER)/trainer_state.pt; }
+	$(BIN)/kddetr bench kd --demo --data $(DEMO_DATA) --teacher $(TEACHER) --out $(DEMO_OUT) \
+		--set train.epochs=$(DEMO_EPOCHS) --set 'train.lr_drop_epochs=[$(DEMO_EPOCHS)]' --set train.eval_every=1
+	$(BIN)/kddetr plot $(DEMO_OUT)/student_no_kd $(DEMO_OUT)/kd_detr_general_specific --out $(DEMO_OUT)/curves.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info runs demo_out
+	rm -rf $(VENV) build src/*.egg-info runs

@@ -1,0 +1,35 @@
+"""The committed assets are what the README says: the teacher reproduces its recorded AP."""
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from kddetr.data.synth import generate
+from kddetr.engine.runner import evaluate_checkpoint
+
+ROOT = Path(__file__).parent.parent
+TEACHER = ROOT / "assets" / "teacher"
+BACKBONE = ROOT / "assets" / "backbone" / "resnet10_s3.safetensors"
+
+
+@pytest.fixture(scope="module")
+def embedded_val(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embedded")
+    generate(root, num_train=0, num_val=200, size=128, seed=0)  # the val split of `make demo`, byte for byte
+    return root
+
+
+def test_committed_teacher_reproduces_recorded_ap(embedded_val):
+    recorded = json.loads((TEACHER / "val_metrics.json").read_text())
+    metrics = evaluate_checkpoint(TEACHER, embedded_val, "val", None, progress=False)
+    assert abs(metrics["AP"] - recorded["AP"]) <= 0.5
+    assert abs(metrics["AP50"] - recorded["AP50"]) <= 0.5
+
+
+def test_committed_backbone_is_a_pretrained_resnet10():
+    with safe_open(str(BACKBONE), "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["arch"] == "resnet10" and meta["num_stages"] == "3" and float(meta["val_acc"]) > 0.8
+    assert "conv1.weight" in keys and not any(k.startswith(("fc.", "layer4.")) for k in keys)
