@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -120,7 +121,7 @@ def cmd_train(args: argparse.Namespace, distill: bool = False) -> None:
     metrics = run_training(cfg, args.data, args.out, device=args.device, resume=args.resume,
                            teacher=args.teacher if distill else None, progress=not args.no_progress)
     from kddetr.engine.evaluate import print_metrics_table
-    if metrics:
+    if metrics and int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(print_metrics_table(metrics, title=str(args.out)))
 
 

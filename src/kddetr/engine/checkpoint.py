@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -43,14 +43,42 @@ class Checkpoint:
     path: Path
 
 
+def _old(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
+def recover_checkpoint(path: str | Path) -> Path:
+    """Undo a save killed between its two renames (`path` gone, `path.old` whole): move `path.old` back.
+
+    Only the process that writes `path` may call this (a save in flight looks the same from outside).
+    """
+    path = Path(path)
+    if not path.exists() and _old(path).is_dir():
+        os.replace(_old(path), path)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temp dir into place so that a crash never leaves a half-written checkpoint."""
-    old = final.with_name(final.name + ".old")
+    """Swap a finished temp dir into place: at any moment `final` or `final.old` is a whole checkpoint."""
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    recover_checkpoint(final)
+    old = _old(final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(tmp, final)  # a kill between the two renames leaves `old` for `recover_checkpoint`
+    _fsync(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -59,13 +87,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, dataset: Da
                     trainer_state: Optional[dict[str, Any]] = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per checkpoint: a leftover is from a killed save
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "kddetr": __version__})
         meta = to_dict(cfg)
         meta["dataset"] = {"category_ids": dataset.category_ids, "category_names": dataset.category_names}
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "kddetr": __version__})
+        os.chmod(tmp / MODEL_FILE, (tmp / CONFIG_FILE).stat().st_mode)  # safetensors writes 0600; follow the umask
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         _replace_dir(tmp, path)
@@ -75,17 +107,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, dataset: Da
     return path
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or _first_line(str(e))
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
-    if not path.is_dir():
-        raise UserError(f"{path}: not a checkpoint directory (expected {MODEL_FILE} and {CONFIG_FILE})")
-    if not cfg_file.is_file():
-        raise UserError(f"{cfg_file}: missing checkpoint config")
+    if not path.is_dir() or not cfg_file.is_file():
+        inside = [path / d for d in ("best", "last") if (path / d / CONFIG_FILE).is_file()]
+        hint = f"; did you mean {inside[0]}?" if inside else ""
+        raise UserError(f"{path}: not a checkpoint directory (expected {MODEL_FILE} and {CONFIG_FILE}){hint}")
     try:
         data = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{cfg_file}: invalid YAML: {e}") from None
+        raise UserError(f"{cfg_file}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{cfg_file}: expected a mapping")
     info = data.pop("dataset", None)
@@ -134,11 +172,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(model=model.to(device).eval(), config=cfg, dataset=dataset, path=path)
 
 
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no detail")
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """`path/trainer_state.pt`, unpickled with `weights_only=True`: a file that would run code is refused."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise UserError(f"{file}: no trainer state to resume from")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"{file}: cannot load trainer state ({type(e).__name__}: {e})") from None
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's many-line message; its reason, if any, follows the marker
+        reason = str(e).rpartition("WeightsUnpickler error:")[2].split(". ")[0].strip()
+        raise UserError(f"{file}: refused: it holds more than tensors and plain data, and unpickling it could "
+                        f"run code ({_first_line(reason) if reason else 'not a torch.save tensor file'})") from None
+    except Exception as e:  # noqa: BLE001 - any other failure is a damaged file
+        raise UserError(f"{file}: cannot load trainer state, the file is damaged or truncated "
+                        f"({type(e).__name__}: {_first_line(str(e))})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: expected a dict of trainer state, got {type(state).__name__}")
+    return state

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from kddetr.data.coco import open_image
 from kddetr.data.collate import collate
 from kddetr.data.transforms import build_transforms
-from kddetr.engine.checkpoint import load_checkpoint
+from kddetr.engine.checkpoint import Checkpoint, load_checkpoint
 from kddetr.engine.evaluate import postprocess, to_coco_results
 from kddetr.errors import UserError
 from kddetr.viz import draw_detections
@@ -32,27 +35,28 @@ def iter_images(inputs: Sequence[Path]) -> Iterator[Path]:
             raise UserError(f"{item}: no such image or directory")
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"{path}: cannot read image: {e}") from None
+def check_images(inputs: Sequence[Path]) -> int:
+    """Read every input's image header (no pixels) so that a bad file fails before anything is written."""
+    count = 0
+    for path in iter_images(inputs):
+        with open_image(path):
+            count += 1
+    if count == 0:
+        raise UserError(f"{', '.join(map(str, inputs))}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return count
 
 
 @torch.inference_mode()
-def predict(checkpoint: Path, inputs: Sequence[Path], out_dir: Path, score_threshold: float = 0.3,
-            top_k: int = 100, device: str = "cpu") -> int:
-    ckpt = load_checkpoint(checkpoint, device)
+def _predict_all(ckpt: Checkpoint, inputs: Sequence[Path], out_dir: Path, detections: Path,
+                 score_threshold: float, top_k: int, device: str) -> int:
+    """Draw each image's detections into `out_dir` and stream them into `detections` as one JSON list."""
     transform = build_transforms(ckpt.config.data, train=False)
-    names = ckpt.dataset.category_names
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    count, rows = 0, 0
-    with (out_dir / "detections.json").open("w") as f:
+    count = 0
+    with detections.open("w") as f:
         f.write("[")
         for index, path in enumerate(iter_images(inputs)):
-            image = _open(path)
+            with open_image(path) as file:
+                image = file.convert("RGB")
             h, w = image.height, image.width
             target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
                       "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(index),
@@ -64,11 +68,30 @@ def predict(checkpoint: Path, inputs: Sequence[Path], out_dir: Path, score_thres
             keep = pred["scores"] >= score_threshold
             pred = {k: v[keep].cpu() for k, v in pred.items()}
             drawn = draw_detections(pil_to_tensor(image), pred["boxes"], pred["labels"].tolist(),
-                                    pred["scores"].tolist(), names)
+                                    pred["scores"].tolist(), ckpt.dataset.category_names)
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_dir / f"{path.stem}.png")
             for row in to_coco_results([pred], [index], ckpt.dataset.category_ids):
-                f.write(("," if rows else "") + "\n" + json.dumps(row | {"file_name": path.name}))
-                rows += 1
+                f.write(("," if f.tell() > 1 else "") + "\n" + json.dumps(row | {"file_name": path.name}))
             count += 1
         f.write("]\n")
+    return count
+
+
+def predict(checkpoint: Path, inputs: Sequence[Path], out_dir: Path, score_threshold: float = 0.3,
+            top_k: int = 100, device: str = "cpu") -> int:
+    """Checkpoint and image headers are checked first; a failure leaves no half-written `out_dir` behind."""
+    ckpt = load_checkpoint(checkpoint, device)
+    check_images(inputs)
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / ".detections.json.tmp"
+    try:
+        count = _predict_all(ckpt, inputs, out_dir, partial, score_threshold, top_k, device)
+    except UserError:  # a file that only fails when decoded
+        partial.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    os.replace(partial, out_dir / "detections.json")
     return count

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from kddetr.config import Config
 from kddetr.engine import distributed as dist
@@ -15,10 +16,9 @@ from kddetr.engine.train import DetectionObjective, Trainer, load_datasets, make
 from kddetr.errors import UserError
 
 
-def resolve_device(device: str) -> torch.device:
+def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
-    return dist.init_from_env(device)
 
 
 def _check_categories(source: str, ids: list[int], expected: list[int]) -> None:
@@ -49,8 +49,17 @@ def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teac
 
 def run_training(cfg: Config, data_dir: Path, out_dir: Path, device: str = "cpu", resume: bool = False,
                  teacher: Optional[Path] = None, progress: bool = True) -> dict[str, float]:
-    """Validate everything, then train (`teacher` given: distil). Nothing is written before validation."""
-    torch_device = resolve_device(device)
+    """Validate everything, then train (`teacher` given: distil). Nothing is written before validation.
+
+    Under torchrun each process joins the process group from the environment and trains its share.
+    """
+    check_device(device)
+    with dist.process_group(device) as torch_device:
+        return _train(cfg, data_dir, out_dir, torch_device, resume, teacher, progress)
+
+
+def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.device, resume: bool,
+           teacher: Optional[Path], progress: bool) -> dict[str, float]:
     train_set, val_set = load_datasets(cfg, Path(data_dir))
     num_classes = len(train_set.category_ids)
     if cfg.model.num_classes not in (0, num_classes):
@@ -68,12 +77,17 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, out: Optio
                         device: str = "cpu", progress: bool = True) -> dict[str, float]:
     from kddetr.data.coco import build_dataset
 
-    torch_device = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, torch_device)
-    dataset = build_dataset(Path(data_dir), split, ckpt.config.data, train=False)
-    _check_categories(str(checkpoint), ckpt.dataset.category_ids, dataset.category_ids)
-    loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers)
-    metrics, results = evaluate(ckpt.model, loader, dataset, torch_device, progress=progress)
+    check_device(device)
+    with dist.process_group(device) as torch_device:
+        ckpt = load_checkpoint(checkpoint, torch_device)
+        dataset = build_dataset(Path(data_dir), split, ckpt.config.data, train=False)
+        _check_categories(str(checkpoint), ckpt.dataset.category_ids, dataset.category_ids)
+        sampler = DistributedSampler(dataset, shuffle=False) if dist.world_size() > 1 else None
+        loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers, sampler)
+        metrics, results = evaluate(ckpt.model, loader, dataset, torch_device,
+                                    progress=progress and dist.is_main_process())
+        if not dist.is_main_process():
+            return metrics
     print(print_metrics_table(metrics, title=f"{checkpoint} on {split}"))
     if out is not None:
         out = Path(out)

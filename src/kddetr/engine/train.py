@@ -116,12 +116,19 @@ class RunPaths:
 
 
 class Trainer:
-    """Trains `objective.student` with `objective`'s losses; writes a run directory."""
+    """Trains `objective.student` with `objective`'s losses; writes a run directory.
+
+    Under torch.distributed (torchrun) `objective.student` is replaced by its DistributedDataParallel
+    wrapper, so the objective's forward all-reduces the gradients; `self.student` stays the bare module
+    (optimiser, checkpoints, evaluation). Each process loads `batch_size` images per step; losses and
+    metrics are averaged over processes and only process 0 writes files.
+    """
 
     def __init__(self, cfg: Config, objective: nn.Module, train_set: CocoDetection, val_set: Optional[CocoDetection],
                  out_dir: Path, device: torch.device, progress: bool = True) -> None:
         self.cfg, self.objective, self.device = cfg, objective.to(device), device
         self.student: nn.Module = objective.student
+        objective.student = dist.wrap_ddp(self.student, device)
         self.train_set, self.val_set = train_set, val_set
         self.paths = RunPaths(Path(out_dir))
         self.progress = progress and dist.is_main_process()
@@ -180,11 +187,13 @@ class Trainer:
         with _autocast(self.device, tc.amp):
             outputs, losses = self.objective(images, targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
+        if not dist.all_ranks(torch.isfinite(total), self.device):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            msg = f"non-finite loss at step {self.step} (epoch {self.epoch}): {', '.join(bad) or 'total'}"
+            where = ", ".join(bad) or ("total" if not torch.isfinite(total) else "on another process")
+            msg = f"non-finite loss at step {self.step} (epoch {self.epoch}): {where}"
             if tc.on_nonfinite == "skip":
-                tqdm.write(f"warning: {msg}; batch skipped")
+                if dist.is_main_process():
+                    tqdm.write(f"warning: {msg}; batch skipped")
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             raise NonFiniteLossError(msg + f"; the last good checkpoint is in {self.paths.last}")
@@ -202,7 +211,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.val_set is None:
             return {}
-        loader = make_loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.data.num_workers)
+        sampler = DistributedSampler(self.val_set, shuffle=False) if dist.world_size() > 1 else None
+        loader = make_loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.data.num_workers, sampler)
         metrics, _ = evaluate(self.student, loader, self.val_set, self.device, progress=self.progress)
         return metrics
 
@@ -235,21 +245,22 @@ class Trainer:
                     for k, v in losses.items():  # kept on the device: no host sync in the step
                         sums[k] = sums.get(k, 0.0) + v.detach()
                     count += 1
-                    if self.step % tc.log_every == 0 or count == 1:
-                        values = {k: float(v) for k, v in losses.items()}
+                    if self.writer is not None and (self.step % tc.log_every == 0 or count == 1):
+                        values = {k: float(v.detach()) for k, v in losses.items()}
                         diag = collapse_stats(outputs)
                         self._log({f"train/{k}": v for k, v in values.items()} | diag
                                   | {"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
                         bar.set_postfix(_postfix(values, diag))
+                # the clocks of several processes disagree: stop when any of them runs out of time
                 if (tc.max_steps and self.step >= tc.max_steps) or \
-                        (tc.max_minutes and time.time() - start > tc.max_minutes * 60):
+                        (tc.max_minutes and dist.any_rank(time.time() - start > tc.max_minutes * 60, self.device)):
                     stop = True
                     break
             self.epoch += 1
             epoch_time = time.time() - epoch_start
             record = {"epoch": self.epoch, "step": self.step, "time_s": round(time.time() - start, 2),
                       "s_per_step": round(epoch_time / max(1, count), 4), "lr": self.optimizer.param_groups[0]["lr"]}
-            record |= {f"train/{k}": float(v) / max(1, count) for k, v in sorted(sums.items())}
+            record |= {f"train/{k}": v for k, v in _epoch_means(sums, count).items()}
             last_epoch = self.epoch >= tc.epochs or stop
             if (tc.eval_every and self.epoch % tc.eval_every == 0) or last_epoch:
                 last_metrics = self.evaluate()
@@ -261,18 +272,27 @@ class Trainer:
         return last_metrics
 
     def _finish_epoch(self, record: dict[str, Any], metrics: dict[str, float]) -> None:
-        if not dist.is_main_process():
-            return
-        improved = bool(metrics) and metrics.get("AP", -1.0) > self.best_ap
+        improved = bool(metrics) and metrics.get("AP", -1.0) > self.best_ap  # metrics agree on every process
         if improved:
             self.best_ap = metrics["AP"]
-        self.save(self.paths.last, with_state=True)
-        if improved:
-            self.save(self.paths.best, with_state=False)
-        with self.paths.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        summary = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k in ("train/loss", "AP", "AP50"))
-        tqdm.write(f"epoch {record['epoch']}: {summary} ({record['s_per_step']:.3f} s/step)")
+        if dist.is_main_process():
+            self.save(self.paths.last, with_state=True)
+            if improved:
+                self.save(self.paths.best, with_state=False)
+            with self.paths.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            summary = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k in ("train/loss", "AP", "AP50"))
+            tqdm.write(f"epoch {record['epoch']}: {summary} ({record['s_per_step']:.3f} s/step)")
+        dist.barrier()  # the checkpoint is complete before any process goes on (or exits)
+
+
+def _epoch_means(sums: dict[str, Tensor], count: int) -> dict[str, float]:
+    """Per-step means of the summed losses, averaged over processes (every process has the same keys)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    means = dist.all_reduce_mean(torch.stack([sums[k].float() for k in keys])) / max(1, count)
+    return dict(zip(keys, means.tolist()))
 
 
 def _postfix(values: dict[str, float], diag: dict[str, float]) -> dict[str, str]:
