@@ -68,6 +68,12 @@ class ModelConfig:
     modulate_hw_attn: bool = True
     temperature: float = 20.0  # image sine positional encoding temperature, H and W (DAB-DETR pe_temperatureH/W)
     group_isolation: str = "separate"  # extra query groups: separate (one decoder pass each) | mask (one pass, block-diagonal mask)
+    # Deformable DETR: feature levels (the last min(n, 3) backbone stages, then stride-2 convolutions),
+    # sampling points per head and level, iterative box refinement, two-stage (needs box_refine)
+    num_feature_levels: int = 4
+    num_points: int = 4
+    box_refine: bool = False
+    two_stage: bool = False  # the top num_queries encoder proposals become the decoder queries
     loss: LossConfig = field(default_factory=LossConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
 
@@ -208,7 +214,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
 
 
 _CHOICES = {
-    ("ModelConfig", "arch"): ("dab_detr",),
+    ("ModelConfig", "arch"): ("dab_detr", "deformable_detr"),
     ("ModelConfig", "activation"): ("relu", "prelu", "gelu"),
     ("ModelConfig", "group_isolation"): ("separate", "mask"),
     ("BackboneConfig", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),

@@ -1,9 +1,11 @@
-"""COCO-format detection dataset: annotations validated once, images read lazily."""
+"""COCO-format detection dataset: annotations and image headers validated once, pixels read lazily."""
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +18,9 @@ from torchvision import tv_tensors
 from kddetr.config import DataConfig
 from kddetr.data.transforms import build_transforms
 from kddetr.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _ImageRecord:
@@ -100,8 +105,10 @@ def _parse(path: Path, data: dict) -> tuple[list[_ImageRecord], list[dict]]:
 
     labels = {cat_id: label for label, cat_id in enumerate(sorted(categories))}
     records = {i: _ImageRecord(i, im["file_name"], im["width"], im["height"], [], []) for i, im in images.items()}
+    dropped: list[str] = []
     for i, ann in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{i}] (id {ann['id']})"
+        record = f"annotations[{i}] (id {ann['id']})"
+        where = f"{path}: {record}"
         if ann["image_id"] not in records:
             raise UserError(f"{where}: image_id {ann['image_id']} is not in 'images'")
         if ann["category_id"] not in labels:
@@ -112,12 +119,34 @@ def _parse(path: Path, data: dict) -> tuple[list[_ImageRecord], list[dict]]:
         if ann.get("iscrowd", 0):
             continue  # crowd regions only matter to the COCO evaluation, which reads them from `coco_gt`
         rec = records[ann["image_id"]]
+        # As DETR: clip to the image, leave out what has no area left (reported below, not an error).
         x1, y1 = min(max(x, 0.0), rec.width), min(max(y, 0.0), rec.height)
         x2, y2 = min(max(x + w, 0.0), rec.width), min(max(y + h, 0.0), rec.height)
         if x2 > x1 and y2 > y1:
             rec.boxes.append([float(x1), float(y1), float(x2), float(y2)])
             rec.labels.append(labels[ann["category_id"]])
+        else:
+            dropped.append(f"{record} bbox {ann['bbox']}")
+    if dropped:
+        log.warning("%s: %d box(es) with no area inside their image left out of training (first: %s)",
+                    path, len(dropped), dropped[0])
     return list(records.values()), [categories[c] for c in sorted(categories)]
+
+
+@contextmanager
+def open_image(path: Path, context: str = "") -> Iterator[Image.Image]:
+    """`Image.open(path)`: headers read now, pixels on demand; failures then or later raise a one-line `UserError`."""
+    where = f" ({context})" if context else ""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found{where}") from None
+    except UnidentifiedImageError:
+        what = "empty file" if path.stat().st_size == 0 else "not in an image format Pillow knows"
+        raise UserError(f"{path}: cannot read image: {what}{where}") from None
+    except OSError as e:  # e.g. "image file is truncated" while decoding
+        raise UserError(f"{path}: cannot read image: {e}{where}") from None
 
 
 def _image_dir(root: Path, split: str, first_file: Optional[str]) -> Path:
@@ -135,14 +164,16 @@ def _image_dir(root: Path, split: str, first_file: Optional[str]) -> Path:
 class CocoDetection(torch.utils.data.Dataset):
     """COCO boxes from `root/annotations/instances_{split}.json`, images from `root/images/{split}/`.
 
-    Image fallbacks: `root/images/`, `root/{split}/` (the COCO layout).
+    Image fallbacks: `root/images/`, `root/{split}/` (the COCO layout). With `check_images` every image
+    header is read up front, so a missing, empty, non-image or mis-sized file fails before any work starts.
 
     `dataset[i]` is `transforms(image, target)` with a PIL RGB image and `target` holding `boxes`
     (`tv_tensors.BoundingBoxes`, xyxy pixels), `labels` (contiguous), `image_id` and `orig_size` (h, w).
     Without transforms that pair is returned as is.
     """
 
-    def __init__(self, root: str | Path, split: str, transforms: Optional[Callable] = None) -> None:
+    def __init__(self, root: str | Path, split: str, transforms: Optional[Callable] = None,
+                 check_images: bool = True) -> None:
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
@@ -152,6 +183,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_ids: list[int] = [c["id"] for c in categories]
         self.category_names: list[str] = [c["name"] for c in categories]
         self.image_dir = _image_dir(self.root, split, self._records[0].file_name if self._records else None)
+        if check_images:
+            self.verify_images()
 
     @property
     def coco_gt(self) -> dict:
@@ -175,19 +208,24 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def _load_image(self, rec: _ImageRecord) -> Image.Image:
+    def verify_images(self) -> None:
+        """Read every image file's header (no pixels): it exists, is an image and has the annotated size."""
+        for rec in self._records:
+            with self._open(rec):
+                pass
+
+    @contextmanager
+    def _open(self, rec: _ImageRecord) -> Iterator[Image.Image]:
         path = self.image_dir / rec.file_name
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except FileNotFoundError:
-            raise UserError(f"{path}: image file not found (image id {rec.image_id} in {self.ann_file})") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{path}: cannot read image: {e}") from None
-        if image.size != (rec.width, rec.height):
-            raise UserError(f"{path}: image is {image.width}x{image.height} but {self.ann_file} "
-                            f"says {rec.width}x{rec.height} (image id {rec.image_id})")
-        return image
+        with open_image(path, f"image id {rec.image_id} in {self.ann_file}") as image:
+            if image.size != (rec.width, rec.height):
+                raise UserError(f"{path}: image is {image.width}x{image.height} but {self.ann_file} "
+                                f"says {rec.width}x{rec.height} (image id {rec.image_id})")
+            yield image
+
+    def _load_image(self, rec: _ImageRecord) -> Image.Image:
+        with self._open(rec) as image:
+            return image.convert("RGB")
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]]:
         rec = self._records[index]

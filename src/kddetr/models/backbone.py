@@ -1,6 +1,7 @@
 """ResNet backbones (torchvision) cut after the last stage used, returning one feature map and its padding mask."""
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -57,7 +58,8 @@ class Backbone(nn.Module):
             raise UserError(f"model.backbone.dilation: {name} does not support it ({e})") from None
         stages = [f"layer{i}" for i in range(1, num_stages + 1)]
         self.body = nn.Sequential(OrderedDict((key, getattr(resnet, key)) for key in STEM + tuple(stages)))
-        self.num_channels = 64 * 2 ** (num_stages - 1) * resnet.layer1[0].expansion
+        self.stage_channels = [64 * 2 ** i * resnet.layer1[0].expansion for i in range(num_stages)]
+        self.num_channels = self.stage_channels[-1]
         if weights is not None:
             load_resnet_weights(self.body, weights)
         self.trainable = train
@@ -83,6 +85,17 @@ class Backbone(nn.Module):
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()
         return features, mask
 
+    def forward_levels(self, images: Tensor, mask: Tensor, num_levels: int) -> list[tuple[Tensor, Tensor]]:
+        """The last `num_levels` stages' features `[B, C_i, h_i, w_i]` and masks `[B, h_i, w_i]`, finest first."""
+        if not 1 <= num_levels <= len(self.stage_channels):
+            raise ValueError(f"num_levels must be 1..{len(self.stage_channels)}, got {num_levels}")
+        stages, x = [], images
+        for name, module in self.body.named_children():
+            x = module(x)
+            if name.startswith("layer"):
+                stages.append(x)
+        return [(f, F.interpolate(mask[None].float(), size=f.shape[-2:])[0].bool()) for f in stages[-num_levels:]]
+
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
@@ -92,8 +105,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only=True met something other than tensors and plain data
+        raise UserError(f"{path}: refused: not a plain state dict of tensors, and unpickling it could run code; "
+                        "save `model.state_dict()` with torch.save or as .safetensors") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
-        raise UserError(f"{path}: cannot read backbone weights ({type(e).__name__}: {e})") from None
+        detail = next((line for line in str(e).splitlines() if line.strip()), "no detail")
+        raise UserError(f"{path}: cannot read backbone weights ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a flat state dict of tensors with torchvision ResNet key names")
     return state

@@ -12,6 +12,10 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
         from kddetr.models.dab_detr import DABDETR
 
         return DABDETR(cfg, num_classes)
+    if cfg.arch == "deformable_detr":
+        from kddetr.models.deformable_detr import DeformableDETR
+
+        return DeformableDETR(cfg, num_classes)
     raise UserError(f"model.arch: unknown architecture {cfg.arch!r}")
 
 
