@@ -75,8 +75,9 @@ class SpecificPoints:
 def build_samplers(cfg: KDConfig) -> list[PointSampler]:
     """The groups of distillation points that `cfg` asks for, general first."""
     samplers: list[PointSampler] = []
-    if cfg.general_points > 0:
-        samplers.append(GeneralPoints(cfg.general_points, cfg.general_distribution, cfg.seed))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if cfg.general_points > 0:  # each rank draws its own points, as in the released code
+        samplers.append(GeneralPoints(cfg.general_points, cfg.general_distribution, cfg.seed + rank))
     if cfg.specific_points:
         samplers.append(SpecificPoints())
     return samplers
