@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from kddetr.errors import UserError
+from kddetr.interop.cli import add_import_export_parsers, run_export, run_import
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
     pl.add_argument("runs", type=Path, nargs="+")
     pl.add_argument("--out", type=Path, required=True)
+    add_import_export_parsers(sub)
     return parser
 
 
@@ -156,7 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train(a, distill=True),
-            "eval": cmd_eval, "pretrain-backbone": cmd_pretrain, "predict": cmd_predict, "plot": cmd_plot, "bench": cmd_bench}
+            "eval": cmd_eval, "pretrain-backbone": cmd_pretrain, "predict": cmd_predict, "plot": cmd_plot, "bench": cmd_bench,
+            "import": run_import, "export": run_export}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

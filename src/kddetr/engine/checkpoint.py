@@ -1,6 +1,7 @@
 """Checkpoint directories: `model.safetensors` + `config.yaml` (+ `trainer_state.pt`), written atomically."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -167,6 +168,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
     path = Path(path)
     cfg, dataset = read_checkpoint_config(path)
+    backbone = cfg.model.backbone
+    if backbone.weights is not None:  # the checkpoint holds the trained backbone: don't need the init file
+        loaded = dataclasses.replace(backbone, weights=None,
+                                     frozen_bn=True if backbone.frozen_bn is None else backbone.frozen_bn,
+                                     freeze_stem=True if backbone.freeze_stem is None else backbone.freeze_stem)
+        cfg.model = dataclasses.replace(cfg.model, backbone=loaded)
     model = build_detector(cfg.model, dataset.num_classes)
     load_weights_into(model, load_state_dict_file(path / MODEL_FILE), str(path / MODEL_FILE))
     return Checkpoint(model=model.to(device).eval(), config=cfg, dataset=dataset, path=path)

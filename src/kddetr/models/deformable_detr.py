@@ -1,0 +1,326 @@
+"""Deformable DETR: multi-scale deformable encoder/decoder, box refinement and two-stage (arXiv 2010.04159)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kddetr.config import ModelConfig
+from kddetr.errors import UserError
+from kddetr.models.backbone import Backbone
+from kddetr.models.dab_detr import block_diagonal_mask
+from kddetr.models.layers import MLP, inverse_sigmoid, residual
+from kddetr.models.ms_deform_attn import MSDeformAttn, Shapes
+from kddetr.models.position import sine_features
+from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.transformer import FeedForward
+
+NOMINAL_SIZE = 0.1  # w = h of the anchors that stand for one-stage queries, which have only a centre
+
+
+@dataclass
+class DeformableMemory:
+    """What `encode` returns: the flattened multi-scale encoder output and what decoding needs besides."""
+
+    memory: Tensor  # [B, S, D], levels flattened one after the other
+    mask: Tensor  # [B, S], True = padding
+    shapes: list[tuple[int, int]]  # (h, w) per level
+    valid_ratios: Tensor  # [B, L, 2]: (w, h) fraction of each level covered by the image
+    proposals: Optional[DecoderOutput] = None  # two-stage: every cell's proposal, [1, B, S, C] and [1, B, S, 4]
+    selected: Optional[Tensor] = None  # two-stage: the top `num_queries` proposal boxes [B, K, 4], detached
+
+
+def image_position(mask: Tensor, num_feats: int) -> Tensor:
+    """Deformable DETR's sine encoding of cell centres, `(n - 0.5) / N * 2π`, temperature 10000: `[B, h * w, 2F]`."""
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)
+    x = not_mask.cumsum(2, dtype=torch.float32)
+    y = (y - 0.5) / (y[:, -1:] + 1e-6) * (2 * math.pi)
+    x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
+    return torch.cat((sine_features(y, num_feats, 10000.0), sine_features(x, num_feats, 10000.0)), -1).flatten(1, 2)
+
+
+def box_sine(boxes: Tensor, dim: int) -> Tensor:
+    """Boxes `[..., 4]` in [0, 1] -> `[..., 2 * dim]`, (x, y, w, h) order (Deformable DETR's proposal embedding)."""
+    return torch.cat([sine_features(c * (2 * math.pi), dim // 2, 10000.0) for c in boxes.unbind(-1)], -1).to(boxes)
+
+
+def valid_ratio(mask: Tensor) -> Tensor:
+    """`[B, h, w]` padding mask -> `[B, 2]` (w, h) fraction of the map that is image."""
+    return torch.stack(((~mask[:, 0]).sum(1) / mask.shape[2], (~mask[:, :, 0]).sum(1) / mask.shape[1]), -1)
+
+
+def _cell_centres(h: int, w: int, device: torch.device) -> Tensor:
+    """`[h * w, 2]` (x + 0.5, y + 0.5) of a level's cells, row-major."""
+    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack((x, y), -1).flatten(0, 1).float() + 0.5
+
+
+def encoder_reference_points(shapes: Shapes, valid_ratios: Tensor) -> Tensor:
+    """Every cell's centre, normalised by the image part of its level, seen on every level: `[B, S, L, 2]`."""
+    refs = [_cell_centres(h, w, valid_ratios.device) / (valid_ratios[:, None, level] * valid_ratios.new_tensor([w, h]))
+            for level, (h, w) in enumerate(shapes)]
+    return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels (positions added to the queries) and a feed-forward block."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, activation: str, levels: int,
+                 points: int) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, heads, levels, points)
+        self.ffn = FeedForward(dim, ffn_dim, dropout, activation)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, reference: Tensor, shapes: Shapes, padding_mask: Tensor) -> Tensor:
+        src = residual(src, lambda x: self.self_attn(x + pos, reference, x, shapes, padding_mask),
+                       self.norm1, self.dropout, False)
+        return residual(src, self.ffn, self.norm2, self.dropout, False)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among the queries, deformable cross-attention to the memory, feed-forward (post-norm)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, activation: str, levels: int,
+                 points: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = MSDeformAttn(dim, heads, levels, points)
+        self.ffn = FeedForward(dim, ffn_dim, dropout, activation)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: DeformableMemory,
+                self_attn_mask: Optional[Tensor]) -> Tensor:
+        def self_attention(x: Tensor) -> Tensor:
+            q = x + query_pos
+            return self.self_attn(q, q, x, attn_mask=self_attn_mask, need_weights=False)[0]
+
+        def cross_attention(x: Tensor) -> Tensor:
+            return self.cross_attn(x + query_pos, reference, memory.memory, memory.shapes, memory.mask)
+
+        tgt = residual(tgt, self_attention, self.norm1, self.dropout, False)
+        tgt = residual(tgt, cross_attention, self.norm2, self.dropout, False)
+        return residual(tgt, self.ffn, self.norm3, self.dropout, False)
+
+
+class DeformableDETR(nn.Module):
+    """Backbone levels + extra stride-2 levels, deformable encoder/decoder, sigmoid class and box heads.
+
+    Implements the detector protocol (`models/protocol.py`); detection queries behave exactly as in the
+    reference implementation:
+    - one-stage: a learned embedding per query, split into a positional part and content; its reference
+      point (2-D) is `sigmoid(linear(positional part))`. `learned_queries` returns these centres with a
+      nominal w = h = `NOMINAL_SIZE` (this model ignores the size; 4-D students such as DAB-DETR use it)
+      and the content.
+    - two-stage (needs `box_refine`): every encoder cell proposes a box; the top `num_queries` by the
+      first class's score become 4-D reference boxes, and positional part and content both come from a
+      projection of the boxes' sine embedding. `learned_queries(batch_size, memory)` returns these per-image
+      boxes (the specific distillation points).
+    With `box_refine` every decoder layer has its own heads and refines the (detached) reference boxes;
+    otherwise the heads are shared and the reference points stay fixed.
+
+    Extra query groups (distillation points: anchors, optional content) are decoded with the same mapping
+    as the detection queries, so that an anchor means the same to teacher and student whatever their
+    training and no parameters are added. Two-stage: anchors go through the proposal projection, exactly
+    like selected proposals. One-stage: the reference point is the anchor's centre and positional part and
+    content are those of the learned query whose reference point is nearest. An MLP from anchors to
+    positional queries (DAB-style) was rejected: in a teacher trained without KD it would be untrained.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        dim, levels = cfg.hidden_dim, cfg.num_feature_levels
+        if cfg.two_stage and not cfg.box_refine:
+            raise UserError("model.two_stage: needs model.box_refine=true (as Deformable DETR)")
+        if dim % 32:
+            raise UserError(f"model.hidden_dim: Deformable DETR's GroupNorm(32) needs a multiple of 32, got {dim}")
+        if levels < 1 or cfg.num_points < 1:
+            raise UserError("model.num_feature_levels and model.num_points: must be > 0")
+        self.num_classes = num_classes
+        self.num_decoder_layers = cfg.decoder_layers
+        self.num_queries = cfg.num_queries
+        self.hidden_dim = dim
+        self.box_refine, self.two_stage = cfg.box_refine, cfg.two_stage
+        self.group_isolation = cfg.group_isolation
+
+        self.backbone = Backbone.from_config(cfg.backbone)
+        self.num_backbone_levels = min(levels, 3, len(self.backbone.stage_channels))
+        channels = self.backbone.stage_channels[-self.num_backbone_levels:]
+        self.input_proj = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(32, dim))
+                                        for c in channels)
+        in_channels = channels[-1]
+        for _ in range(levels - len(channels)):  # extra levels, each from the one before
+            self.input_proj.append(nn.Sequential(nn.Conv2d(in_channels, dim, 3, stride=2, padding=1),
+                                                 nn.GroupNorm(32, dim)))
+            in_channels = dim
+        self.level_embed = nn.Parameter(torch.empty(levels, dim))
+        layer_args = (dim, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, cfg.activation, levels, cfg.num_points)
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.decoder_layers))
+        if cfg.two_stage:
+            self.enc_output, self.enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * dim, 2 * dim), nn.LayerNorm(2 * dim)
+        else:
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * dim)
+            self.reference_points = nn.Linear(dim, 2)
+        num_heads = cfg.decoder_layers + cfg.two_stage if cfg.box_refine else 1  # two-stage: the last scores proposals
+        self.class_embed = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
+        self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        transformer = [self.encoder, self.decoder] + ([self.enc_output, self.pos_trans] if self.two_stage
+                                                      else [self.reference_points])
+        for p in nn.ModuleList(transformer).parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        if not self.two_stage:
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+        prior_prob = 0.01  # focal-loss prior
+        for head in self.class_embed:
+            nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+        for head in self.bbox_embed:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        if not self.two_stage:  # first boxes start small (sigmoid(-2) = 0.12); two-stage proposals carry a size
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+
+    def _head(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        i = layer if self.box_refine else 0
+        return self.class_embed[i], self.bbox_embed[i]
+
+    def encode(self, images: ImageBatch) -> DeformableMemory:
+        features = self.backbone.forward_levels(images.tensors, images.mask, self.num_backbone_levels)
+        sources = [proj(f) for proj, (f, _) in zip(self.input_proj, features)]
+        masks = [m for _, m in features]
+        x = features[-1][0]
+        for proj in self.input_proj[len(features):]:  # extra levels: stride-2 convolutions on the coarsest
+            x = proj(x)
+            sources.append(x)
+            masks.append(F.interpolate(images.mask[None].float(), size=x.shape[-2:])[0].bool())
+        shapes = [(s.shape[2], s.shape[3]) for s in sources]
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
+        pos = torch.cat([image_position(m, self.hidden_dim // 2) + e for m, e in zip(masks, self.level_embed)], 1)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)
+        valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+        reference = encoder_reference_points(shapes, valid_ratios)
+        pos = pos.to(src.dtype)
+        for layer in self.encoder:
+            src = layer(src, pos, reference, shapes, mask)
+        memory = DeformableMemory(src, mask, shapes, valid_ratios)
+        if self.two_stage:
+            memory.proposals, memory.selected = self._proposals(memory)
+        return memory
+
+    def _proposals(self, memory: DeformableMemory) -> tuple[DecoderOutput, Tensor]:
+        """Two-stage: a box per encoder cell (centred on it, 0.05 * 2^level wide) refined by the last heads."""
+        batch = memory.memory.shape[0]
+        boxes = []
+        masks = memory.mask.split([h * w for h, w in memory.shapes], 1)
+        for level, ((h, w), mask) in enumerate(zip(memory.shapes, masks)):
+            mask = mask.view(batch, h, w)
+            valid_wh = torch.stack(((~mask[:, 0]).sum(1), (~mask[:, :, 0]).sum(1)), -1)[:, None]
+            centres = _cell_centres(h, w, mask.device) / valid_wh
+            boxes.append(torch.cat((centres, torch.full_like(centres, 0.05 * 2 ** level)), -1))
+        boxes = torch.cat(boxes, 1)
+        valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True) & ~memory.mask[..., None]
+        anchors = torch.log(boxes / (1 - boxes)).masked_fill(~valid, float("inf"))
+        features = self.enc_output_norm(self.enc_output(memory.memory.masked_fill(~valid, 0.0)))
+        class_head, box_head = self._head(self.num_decoder_layers)
+        logits, coords = class_head(features), box_head(features) + anchors
+        # The reference ranks by the first class only (a binary foreground score when trained as in its code).
+        top = logits[..., 0].topk(self.num_queries, dim=1).indices
+        selected = coords.gather(1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
+        return DecoderOutput(logits[None], coords.sigmoid()[None]), selected
+
+    def learned_queries(self, batch_size: int, memory: Optional[DeformableMemory] = None) -> Queries:
+        """The detection queries: per-image proposals (two-stage, needs `memory`) or the learned ones."""
+        if self.two_stage:
+            if memory is None:
+                raise ValueError("two-stage Deformable DETR selects its queries per image: pass `memory`")
+            return Queries(memory.selected)
+        pos, content = self.query_embed.weight.split(self.hidden_dim, -1)
+        centres = self.reference_points(pos).sigmoid()
+        anchors = torch.cat((centres, torch.full_like(centres, NOMINAL_SIZE)), -1)
+        return Queries(anchors.expand(batch_size, -1, -1), content.expand(batch_size, -1, -1))
+
+    def _inputs(self, memory: DeformableMemory, queries: Optional[Queries]) -> tuple[Tensor, Tensor, Tensor]:
+        """Content `[B, K, D]`, positional query `[B, K, D]` and reference points `[B, K, 2 | 4]` of a group."""
+        batch = memory.memory.shape[0]
+        if self.two_stage:
+            reference = memory.selected if queries is None else queries.anchors.expand(batch, -1, -1)
+            pos, content = self.pos_trans_norm(self.pos_trans(box_sine(reference, self.hidden_dim))).split(
+                self.hidden_dim, -1)
+        else:
+            learned_pos, learned_content = self.query_embed.weight.split(self.hidden_dim, -1)
+            learned_centres = self.reference_points(learned_pos).sigmoid()
+            if queries is None:
+                pos, content, reference = learned_pos, learned_content, learned_centres
+            else:
+                reference = queries.anchors[..., :2]
+                nearest = torch.cdist(reference.detach().float(), learned_centres.detach().float()).argmin(-1)
+                pos, content = learned_pos[nearest], learned_content[nearest]
+            pos, content, reference = (t.expand(batch, -1, -1) for t in (pos, content, reference))
+        if queries is not None and queries.content is not None:
+            content = queries.content.expand(batch, -1, -1)
+        return content, pos, reference
+
+    def _decode(self, content: Tensor, pos: Tensor, reference: Tensor, memory: DeformableMemory,
+                self_attn_mask: Optional[Tensor]) -> DecoderOutput:
+        if self_attn_mask is not None and self_attn_mask.dim() == 3:  # per image -> per image and head
+            self_attn_mask = self_attn_mask.repeat_interleave(self.decoder[0].self_attn.num_heads, dim=0)
+        ratios = memory.valid_ratios[:, None]
+        tgt, logits, boxes = content, [], []
+        for i, layer in enumerate(self.decoder):
+            scale = ratios if reference.shape[-1] == 2 else torch.cat((ratios, ratios), -1)
+            tgt = layer(tgt, pos, reference[:, :, None] * scale, memory, self_attn_mask)
+            class_head, box_head = self._head(i)
+            delta = box_head(tgt)
+            if reference.shape[-1] == 4:
+                box = (delta + inverse_sigmoid(reference)).sigmoid()
+            else:  # a 2-D reference point places the centre only
+                box = torch.cat((delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]), -1).sigmoid()
+            logits.append(class_head(tgt))
+            boxes.append(box)
+            if self.box_refine:
+                reference = box.detach()
+        return DecoderOutput(torch.stack(logits), torch.stack(boxes))
+
+    def decode(self, memory: DeformableMemory, queries: Optional[Queries] = None,
+               self_attn_mask: Optional[Tensor] = None) -> DecoderOutput:
+        """Decode one set of queries (None: the detection queries) over `memory`.
+
+        `self_attn_mask`: boolean `[K, K]` or `[B, K, K]`, True = query i may not attend to j.
+        """
+        return self._decode(*self._inputs(memory, queries), memory, self_attn_mask)
+
+    def decode_groups(self, memory: DeformableMemory, groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
+        """Decode query groups isolated from each other: one pass each, or one masked pass (`group_isolation`)."""
+        if self.group_isolation == "separate" or len(groups) == 1:
+            return [self.decode(memory, group) for group in groups]
+        inputs = [self._inputs(memory, group) for group in groups]
+        sizes = [content.shape[1] for content, _, _ in inputs]
+        joint = [torch.cat(parts, dim=1) for parts in zip(*inputs)]
+        out = self._decode(*joint, memory, block_diagonal_mask(sizes, memory.memory.device))
+        return [DecoderOutput(l, b) for l, b in zip(out.logits.split(sizes, 2), out.boxes.split(sizes, 2))]
+
+    def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
+                extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
+        memory = self.encode(images)
+        detections, *extra = self.decode_groups(memory, [None, *(extra_queries or [])])
+        return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra,
+                              encoder_memory=memory.memory)

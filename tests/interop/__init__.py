@@ -1,0 +1,42 @@
+"""Checkpoint import/export tests; helpers shared by them."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from kddetr.config import BackboneConfig, ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """Hidden 32, 1 encoder + 2 decoder layers (the second exercises the per-layer query scaling), 6 queries."""
+    cfg = ModelConfig(backbone=BackboneConfig(name="resnet10", num_stages=3, frozen_bn=True), hidden_dim=32,
+                      num_heads=4, encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=6)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Unit-scale random weights and norm statistics, so that every query and layer gives distinct outputs.
+
+    Default inits (zero box head, constant class bias) would let a wrong mapping of the query-dependent
+    parts go unnoticed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=gen)
+            if "refpoint" in name:
+                t.copy_(noise)
+            elif name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+            elif t.dim() == 2:
+                t.copy_(noise / t.shape[1] ** 0.5)
+            elif t.dim() > 2:
+                t.add_(0.5 * t.std() * noise)
+            else:
+                t.add_(0.1 * noise)
+    return model.eval()
+
