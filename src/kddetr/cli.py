@@ -110,6 +110,8 @@ def _run_config(args: argparse.Namespace):
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
+    from kddetr.engine.checkpoint import recover_checkpoint
+    recover_checkpoint(out / "last")  # a run killed between the two renames of a save left last.old
     if resume and not (out / "last").is_dir():
         raise UserError(f"{out}: nothing to resume (no {out / 'last'} checkpoint)")
     if not resume and (out / "last").exists():
@@ -162,6 +164,14 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train
             "import": run_import, "export": run_export}
 
 
+def _message(e: UserError) -> str:
+    """The error's own line, also when a DataLoader worker raised it (torch prepends the worker's traceback)."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ")
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -169,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"kddetr: error: {e}", file=sys.stderr)
+        print(f"kddetr: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kddetr: interrupted", file=sys.stderr)

@@ -1,13 +1,11 @@
 """Numerical parity of our Deformable DETR with HF transformers' `DeformableDetrForObjectDetection`, shared weights."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from kddetr.config import BackboneConfig, ModelConfig
-from kddetr.interop.hf import _hf_resnet_to_tv
+from kddetr.interop.hf import deformable_hf_to_ours
 from kddetr.models.deformable_detr import DeformableDETR
 from kddetr.models.layers import inverse_sigmoid
 from kddetr.models.protocol import ImageBatch
@@ -16,55 +14,6 @@ transformers = pytest.importorskip("transformers")
 from tests.models.test_hf_parity import BACKBONES, _randomise  # noqa: E402
 
 HIDDEN, HEADS, FFN, QUERIES, CLASSES, POINTS, DECODER_LAYERS = 32, 4, 64, 10, 5, 2, 3
-ENCODER_LAYER = {"self_attn_layer_norm": "norm1", "mlp.fc1": "ffn.linear1", "mlp.fc2": "ffn.linear2",
-                 "final_layer_norm": "norm2"}
-DECODER_LAYER = {"self_attn.o_proj": "self_attn.out_proj", "self_attn_layer_norm": "norm1",
-                 "encoder_attn_layer_norm": "norm2", "mlp.fc1": "ffn.linear1", "mlp.fc2": "ffn.linear2",
-                 "final_layer_norm": "norm3"}
-TOP = {"model.level_embed": "level_embed", "model.input_proj": "input_proj",
-       "model.reference_points": "reference_points",
-       "model.query_position_embeddings": "query_embed", "model.enc_output_norm": "enc_output_norm",
-       "model.enc_output": "enc_output", "model.pos_trans_norm": "pos_trans_norm", "model.pos_trans": "pos_trans"}
-
-
-def _rename(key: str) -> str:
-    if m := re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(\w+)", key):
-        part, index, module, leaf = m.groups()
-        if module.startswith(("self_attn.", "encoder_attn.")) and module not in DECODER_LAYER:
-            attn = "cross_attn" if module.startswith("encoder_attn") else "self_attn"
-            return f"{part}.{index}.{attn}.{module.split('.', 1)[1]}.{leaf}"
-        table = ENCODER_LAYER if part == "encoder" else DECODER_LAYER
-        return f"{part}.{index}.{table[module]}.{leaf}"
-    if m := re.fullmatch(r"model\.backbone\.model\.(.+)\.(convolution|normalization)\.(\w+)", key):
-        return f"backbone.body.{_hf_resnet_to_tv(m[1], m[2])}.{m[3]}"
-    for prefix, ours in TOP.items():
-        if key == prefix or key.startswith(prefix + "."):
-            return ours + key[len(prefix):]
-    raise KeyError(f"no mapping for HF parameter {key}")
-
-
-def hf_to_ours(hf_state: dict[str, torch.Tensor], shared_heads: bool) -> dict[str, torch.Tensor]:
-    """Rename an HF Deformable DETR state dict to ours; the decoder's q/k/v projections become one in_proj.
-
-    HF keeps one head per decoder layer even when they are shared (then tied); ours keeps one.
-    """
-    ours: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in hf_state.items():
-        if key.startswith(("model.decoder.class_embed.", "model.decoder.bbox_embed.")):
-            continue  # tied to the top-level heads
-        if m := re.fullmatch(r"(class_embed|bbox_embed)\.(\d+)\.(.+)", key):
-            if shared_heads and m[2] != "0":
-                assert torch.equal(value, hf_state[f"{m[1]}.0.{m[3]}"]), f"{key} is not shared"
-            elif not shared_heads or m[2] == "0":
-                ours[key] = value
-        elif m := re.fullmatch(r"model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
-            qkv.setdefault(f"decoder.{m[1]}.self_attn.in_proj_{m[3]}", {})[m[2]] = value
-        else:
-            ours[_rename(key)] = value
-    for key, parts in qkv.items():
-        ours[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return ours
 
 
 def _build_pair(levels: int, box_refine: bool, two_stage: bool):
@@ -84,7 +33,7 @@ def _build_pair(levels: int, box_refine: bool, two_stage: bool):
                       dim_feedforward=FFN, num_queries=QUERIES, activation="relu", num_feature_levels=levels,
                       num_points=POINTS, box_refine=box_refine, two_stage=two_stage)
     ours = DeformableDETR(cfg, CLASSES).eval()
-    ours.load_state_dict(hf_to_ours(hf.state_dict(), shared_heads=not box_refine), strict=True)
+    ours.load_state_dict(deformable_hf_to_ours(hf.state_dict(), cfg), strict=True)
     return hf, ours
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kddetr import __version__
-from kddetr.config import Config, from_dict, to_dict
+from kddetr.config import Config, from_dict, to_dict, yaml_problem
 from kddetr.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -60,6 +59,8 @@ def recover_checkpoint(path: str | Path) -> Path:
 
 
 def _fsync(path: Path) -> None:
+    if os.name != "posix" and path.is_dir():  # only POSIX opens directories
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -108,12 +109,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, dataset: Da
     return path
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or _first_line(str(e))
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
-
-
 def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
@@ -124,7 +119,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
     try:
         data = yaml.safe_load(cfg_file.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{cfg_file}: invalid YAML: {_yaml_problem(e)}") from None
+        raise UserError(f"{cfg_file}: invalid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{cfg_file}: expected a mapping")
     info = data.pop("dataset", None)
@@ -183,6 +178,14 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "no detail")
 
 
+def _load_problem(e: Exception) -> str:
+    """A torch.load failure in one line (a `weights_only` refusal runs over many, its reason after a marker)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        text = text.rpartition("WeightsUnpickler error:")[2].split(". ")[0] or "not a file of tensors"
+    return f"{type(e).__name__}: {_first_line(text)}"
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     """`path/trainer_state.pt`, unpickled with `weights_only=True`: a file that would run code is refused."""
     file = Path(path) / STATE_FILE
@@ -190,13 +193,12 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{file}: no trainer state to resume from")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's many-line message; its reason, if any, follows the marker
-        reason = str(e).rpartition("WeightsUnpickler error:")[2].split(". ")[0].strip()
-        raise UserError(f"{file}: refused: it holds more than tensors and plain data, and unpickling it could "
-                        f"run code ({_first_line(reason) if reason else 'not a torch.save tensor file'})") from None
-    except Exception as e:  # noqa: BLE001 - any other failure is a damaged file
+    except Exception as e:  # noqa: BLE001 - any failure is a bad file for the user
+        if "Unsupported global" in str(e):  # it names a class or function: loading it in full could run code
+            raise UserError(f"{file}: refused: it holds more than tensors and plain data, and unpickling it could "
+                            f"run code ({_load_problem(e)})") from None
         raise UserError(f"{file}: cannot load trainer state, the file is damaged or truncated "
-                        f"({type(e).__name__}: {_first_line(str(e))})") from None
+                        f"({_load_problem(e)})") from None
     if not isinstance(state, dict):
         raise UserError(f"{file}: expected a dict of trainer state, got {type(state).__name__}")
     return state

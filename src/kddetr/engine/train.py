@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from kddetr.data.coco import CocoDetection, build_dataset
 from kddetr.data.collate import collate
 from kddetr.engine import distributed as dist
 from kddetr.engine.checkpoint import (DatasetInfo, load_state_dict_file, load_trainer_state, load_weights_into,
-                                      save_checkpoint, MODEL_FILE)
+                                      save_checkpoint, MODEL_FILE, STATE_FILE)
 from kddetr.engine.diagnostics import collapse_stats
 from kddetr.engine.evaluate import evaluate
 from kddetr.errors import UserError
@@ -160,12 +162,17 @@ class Trainer:
         last = self.paths.last
         state = load_trainer_state(last)
         load_weights_into(self.student, load_state_dict_file(last / MODEL_FILE), str(last / MODEL_FILE))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        self.objective.load_extra_state(state["objective"])
-        self.epoch, self.step, self.best_ap = state["epoch"], state["step"], state["best_ap"]
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            self.objective.load_extra_state(state["objective"])
+            self.epoch, self.step, self.best_ap = state["epoch"], state["step"], state["best_ap"]
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # another layout, or a changed config
+            raise UserError(f"{last / STATE_FILE}: does not fit this run ({type(e).__name__}: {e})") from None
+        if dist.is_main_process():
+            _keep_records(self.paths.metrics, self.epoch)
 
     def save(self, path: Path, with_state: bool) -> None:
         if dist.is_main_process():
@@ -217,6 +224,17 @@ class Trainer:
         return metrics
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        fresh = not resume and not self.paths.root.exists()
+        try:
+            return self._fit(resume)
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close()
+            if fresh and dist.is_main_process() and not self.paths.last.exists():
+                shutil.rmtree(self.paths.root, ignore_errors=True)  # failed before its first checkpoint: leave nothing
+            raise
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         tc = self.cfg.train
         if resume:
             self.resume()
@@ -276,14 +294,29 @@ class Trainer:
         if improved:
             self.best_ap = metrics["AP"]
         if dist.is_main_process():
-            self.save(self.paths.last, with_state=True)
+            # `last` is written last: a run killed before it redoes this epoch, and `resume` drops its record
             if improved:
                 self.save(self.paths.best, with_state=False)
             with self.paths.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.save(self.paths.last, with_state=True)
             summary = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k in ("train/loss", "AP", "AP50"))
             tqdm.write(f"epoch {record['epoch']}: {summary} ({record['s_per_step']:.3f} s/step)")
         dist.barrier()  # the checkpoint is complete before any process goes on (or exits)
+
+
+def _keep_records(metrics: Path, epochs: int) -> None:
+    """Keep the records of the first `epochs` epochs: later ones (and a line cut by a kill) belong to a redone epoch."""
+    kept = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            if json.loads(line)["epoch"] <= epochs:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    partial = metrics.with_name(metrics.name + ".tmp")
+    partial.write_text("".join(kept))
+    os.replace(partial, metrics)  # a kill now loses no record
 
 
 def _epoch_means(sums: dict[str, Tensor], count: int) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -44,8 +45,8 @@ def select_categories(state: dict[str, Tensor], dataset: DatasetInfo, keep: Data
         raise UserError(f"{where}: category ids {missing[:10]} are not among the model's ids "
                         f"{dataset.category_ids[0]}..{dataset.category_ids[-1]}")
     rows = [dataset.category_ids.index(i) for i in keep.category_ids]
-    return {**state, "class_embed.weight": state["class_embed.weight"][rows],
-            "class_embed.bias": state["class_embed.bias"][rows]}
+    heads = [k for k in state if re.fullmatch(r"class_embed\.(\d+\.)?(weight|bias)", k)]  # one, or one per layer
+    return {**state, **{k: state[k][rows] for k in heads}}
 
 
 def import_checkpoint(source: str, path: str | Path, out: str | Path, arch: str = "dab_detr",
@@ -132,11 +133,14 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, opset: 
 def add_import_export_parsers(subparsers: argparse._SubParsersAction) -> None:
     imp = subparsers.add_parser("import", help="convert a teacher trained elsewhere into a kddetr checkpoint")
     kinds = imp.add_subparsers(dest="import_source", required=True)
-    hf = kinds.add_parser("hf", help="a local HF transformers DabDetrForObjectDetection directory")
+    hf = kinds.add_parser("hf", help="a local HF transformers DabDetrForObjectDetection or "
+                                     "DeformableDetrForObjectDetection directory")
     hf.add_argument("path", type=Path, help="directory with config.json and model.safetensors/pytorch_model.bin")
-    official = kinds.add_parser("official", help="an official DAB-DETR / KD-DETR repo checkpoint (.pth)")
+    official = kinds.add_parser("official", help="an official DAB-DETR / KD-DETR / Deformable-DETR repo checkpoint "
+                                                 "(.pth)")
     official.add_argument("path", type=Path, help="checkpoint file ({'model': state_dict, 'args': ...})")
-    official.add_argument("--arch", default="dab_detr", help="detector of the checkpoint (dab_detr)")
+    official.add_argument("--arch", default="dab_detr", choices=["dab_detr", "deformable_detr"],
+                          help="detector of the checkpoint")
     official.add_argument("--num-classes", type=int, default=None, help="check the class head has N outputs")
     official.add_argument("--config", type=Path, default=None,
                           help="YAML config: model options the weights do not fix (num_heads, temperature, ...)")

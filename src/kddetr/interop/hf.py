@@ -1,11 +1,12 @@
-"""HF transformers `DabDetrForObjectDetection` directories to and from our DAB-DETR (config and weight names)."""
+"""HF transformers DAB-DETR and Deformable DETR directories to and from ours (config and weight names)."""
 from __future__ import annotations
 
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,44 +17,76 @@ from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.models.backbone import RESNETS
 
-# HF module names -> ours (parameter names keep their last component).
-TOP = {"model.query_refpoint_embeddings": "refpoint_embed", "model.input_projection": "input_proj",
-       "model.patterns": "patterns",
-       "model.encoder.query_scale": "encoder.query_scale", "model.encoder.norm": "encoder.norm",
-       "model.decoder.layernorm": "decoder.norm", "model.decoder.query_scale": "decoder.query_scale",
-       "model.decoder.ref_point_head": "decoder.ref_point_head",
-       "model.decoder.ref_anchor_head": "decoder.ref_anchor_head",
-       "bbox_predictor": "bbox_embed", "class_embed": "class_embed"}
-ENCODER_LAYER = {"self_attn.out_proj": "self_attn.out_proj", "self_attn_layer_norm": "norm1",
-                 "final_layer_norm": "norm2", "fc1": "ffn.linear1", "fc2": "ffn.linear2",
-                 "activation_fn": "ffn.activation"}
-DECODER_LAYER = {"self_attn.self_attn_query_content_proj": "sa_qcontent_proj",
-                 "self_attn.self_attn_query_pos_proj": "sa_qpos_proj",
-                 "self_attn.self_attn_key_content_proj": "sa_kcontent_proj",
-                 "self_attn.self_attn_key_pos_proj": "sa_kpos_proj",
-                 "self_attn.self_attn_value_proj": "sa_v_proj",
-                 "self_attn.self_attn.output_proj": "self_attn.out_proj",
-                 "self_attn.self_attn_layer_norm": "norm1",
-                 "cross_attn.cross_attn_query_content_proj": "ca_qcontent_proj",
-                 "cross_attn.cross_attn_query_pos_proj": "ca_qpos_proj",
-                 "cross_attn.cross_attn_query_pos_sine_proj": "ca_qpos_sine_proj",
-                 "cross_attn.cross_attn_key_content_proj": "ca_kcontent_proj",
-                 "cross_attn.cross_attn_key_pos_proj": "ca_kpos_proj",
-                 "cross_attn.cross_attn_value_proj": "ca_v_proj",
-                 "cross_attn.cross_attn.output_proj": "cross_attn.out_proj",
-                 "cross_attn.cross_attn_layer_norm": "norm2",
-                 "mlp.final_layer_norm": "norm3", "mlp.fc1": "ffn.linear1", "mlp.fc2": "ffn.linear2",
-                 "mlp.activation_fn": "ffn.activation"}
-HF_BACKBONE = "model.backbone.conv_encoder.model."
-TIMM_BACKBONE = re.compile(r"model\.backbone\.conv_encoder\.model\.(?:_backbone\.)?((?:conv1|bn1|layer\d)\..+)")
 
-# DabDetrConfig defaults, which older `save_pretrained` versions leave out of config.json.
+@dataclass(frozen=True)
+class Naming:
+    """How an HF detector's parameter names map to ours (parameter names keep their last component)."""
+
+    top: dict[str, str]  # HF module (or parameter) outside the layers -> ours
+    encoder: dict[str, str]  # HF module inside an encoder layer -> ours
+    decoder: dict[str, str]
+    layer_infix: str  # ours: layer i of the encoder is f"encoder{layer_infix}{i}"
+    fused: str  # the part whose self-attention is one nn.MultiheadAttention in ours (q/k/v_proj in HF)
+    tied: tuple[str, ...] = ()  # HF copies of other parameters: skipped on import
+
+
+FFN = {"fc1": "ffn.linear1", "fc2": "ffn.linear2", "activation_fn": "ffn.activation"}
+DAB = Naming(
+    top={"model.query_refpoint_embeddings": "refpoint_embed", "model.input_projection": "input_proj",
+         "model.patterns": "patterns",
+         "model.encoder.query_scale": "encoder.query_scale", "model.encoder.norm": "encoder.norm",
+         "model.decoder.layernorm": "decoder.norm", "model.decoder.query_scale": "decoder.query_scale",
+         "model.decoder.ref_point_head": "decoder.ref_point_head",
+         "model.decoder.ref_anchor_head": "decoder.ref_anchor_head",
+         "bbox_predictor": "bbox_embed", "class_embed": "class_embed"},
+    encoder={"self_attn.out_proj": "self_attn.out_proj", "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2",
+             **FFN},
+    decoder={"self_attn.self_attn_query_content_proj": "sa_qcontent_proj",
+             "self_attn.self_attn_query_pos_proj": "sa_qpos_proj",
+             "self_attn.self_attn_key_content_proj": "sa_kcontent_proj",
+             "self_attn.self_attn_key_pos_proj": "sa_kpos_proj", "self_attn.self_attn_value_proj": "sa_v_proj",
+             "self_attn.self_attn.output_proj": "self_attn.out_proj", "self_attn.self_attn_layer_norm": "norm1",
+             "cross_attn.cross_attn_query_content_proj": "ca_qcontent_proj",
+             "cross_attn.cross_attn_query_pos_proj": "ca_qpos_proj",
+             "cross_attn.cross_attn_query_pos_sine_proj": "ca_qpos_sine_proj",
+             "cross_attn.cross_attn_key_content_proj": "ca_kcontent_proj",
+             "cross_attn.cross_attn_key_pos_proj": "ca_kpos_proj", "cross_attn.cross_attn_value_proj": "ca_v_proj",
+             "cross_attn.cross_attn.output_proj": "cross_attn.out_proj", "cross_attn.cross_attn_layer_norm": "norm2",
+             "mlp.final_layer_norm": "norm3", **{f"mlp.{k}": v for k, v in FFN.items()}},
+    layer_infix=".layers.", fused="encoder", tied=("model.decoder.bbox_embed.",))
+MS_DEFORM_ATTN = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+# transformers 5 renames on loading: in-memory names first, the on-disk ones (older versions', what
+# `save_pretrained` writes and what export writes) last, so that they win when the tables are inverted.
+ON_DISK_FFN = {"mlp.fc1": "ffn.linear1", "mlp.fc2": "ffn.linear2", "fc1": "ffn.linear1", "fc2": "ffn.linear2"}
+DEFORMABLE = Naming(
+    top={**{f"model.{m}": m for m in ("level_embed", "input_proj", "reference_points", "enc_output",
+                                       "enc_output_norm", "pos_trans", "pos_trans_norm")},
+         "model.query_position_embeddings": "query_embed", "class_embed": "class_embed", "bbox_embed": "bbox_embed"},
+    encoder={**{f"self_attn.{p}": f"self_attn.{p}" for p in MS_DEFORM_ATTN}, "self_attn_layer_norm": "norm1",
+             "final_layer_norm": "norm2", **ON_DISK_FFN},
+    decoder={"self_attn.o_proj": "self_attn.out_proj", "self_attn.out_proj": "self_attn.out_proj",
+             "self_attn_layer_norm": "norm1", **{f"encoder_attn.{p}": f"cross_attn.{p}" for p in MS_DEFORM_ATTN},
+             "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3", **ON_DISK_FFN},
+    layer_infix=".", fused="decoder")
+HEADS = ("class_embed", "bbox_embed")
+# The ResNet: HF ResNet names or timm's (= torchvision's); `conv_encoder.` on disk, not in memory (transformers 5).
+HF_BACKBONE = "model.backbone.conv_encoder.model."
+HF_BACKBONE_KEY = re.compile(r"model\.backbone\.(?:conv_encoder\.)?model\.(?:_backbone\.)?(.+)")
+
+# DabDetrConfig and DeformableDetrConfig defaults, which older `save_pretrained` versions leave out of config.json.
 HF_DEFAULTS: dict[str, Any] = {
     "num_queries": 300, "encoder_layers": 6, "decoder_layers": 6, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048,
     "encoder_attention_heads": 8, "decoder_attention_heads": 8, "activation_function": "prelu",
     "hidden_size": 256, "dropout": 0.1, "temperature_height": 20, "temperature_width": 20, "query_dim": 4,
     "random_refpoints_xy": False, "keep_query_pos": False, "num_patterns": 0, "normalize_before": False,
     "dilation": False, "sine_position_embedding_scale": None, "use_timm_backbone": True, "backbone": "resnet50",
+}
+DEFORMABLE_DEFAULTS: dict[str, Any] = {
+    "num_queries": 300, "encoder_layers": 6, "decoder_layers": 6, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024,
+    "encoder_attention_heads": 8, "decoder_attention_heads": 8, "activation_function": "relu", "d_model": 256,
+    "dropout": 0.1, "position_embedding_type": "sine", "num_feature_levels": 4, "encoder_n_points": 4,
+    "decoder_n_points": 4, "with_box_refine": False, "two_stage": False, "two_stage_num_proposals": 300,
+    "dilation": False, "use_timm_backbone": True, "backbone": "resnet50",
 }
 RESNET_DEFAULTS: dict[str, Any] = {  # transformers.ResNetConfig
     "embedding_size": 64, "hidden_sizes": [256, 512, 1024, 2048], "depths": [3, 4, 6, 3],
@@ -95,37 +128,39 @@ def _tv_resnet_to_hf(name: str) -> str:
     return f"{block}.layer.{int(m[4]) - 1}.{'convolution' if m[3] == 'conv' else 'normalization'}.{leaf}"
 
 
-def _rename(key: str) -> str:
+def _rename(key: str, naming: Naming) -> str:
     module, leaf = key.rsplit(".", 1)
     if m := re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)", module):
-        table = ENCODER_LAYER if m[1] == "encoder" else DECODER_LAYER
-        return f"{m[1]}.layers.{m[2]}.{table[m[3]]}.{leaf}"
-    if m := TIMM_BACKBONE.fullmatch(key):
-        return f"backbone.body.{m[1]}"
-    if m := re.fullmatch(re.escape(HF_BACKBONE) + r"(.+)\.(convolution|normalization)", module):
-        return f"backbone.body.{_hf_resnet_to_tv(m[1], m[2])}.{leaf}"
-    for prefix, ours in TOP.items():
-        if key.startswith(prefix + "."):
+        table = naming.encoder if m[1] == "encoder" else naming.decoder
+        return f"{m[1]}{naming.layer_infix}{m[2]}.{table[m[3]]}.{leaf}"
+    if m := HF_BACKBONE_KEY.fullmatch(key):
+        if re.match(r"(conv1|bn1|layer\d)\.", m[1]):  # timm: torchvision's names
+            return f"backbone.body.{m[1]}"
+        if resnet := re.fullmatch(r"(.+)\.(convolution|normalization)\.(\w+)", m[1]):
+            return f"backbone.body.{_hf_resnet_to_tv(resnet[1], resnet[2])}.{resnet[3]}"
+    for prefix, ours in naming.top.items():
+        if key == prefix or key.startswith(prefix + "."):
             return ours + key[len(prefix):]
     raise KeyError(key)
 
 
-def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int) -> dict[str, Tensor]:
-    """Rename an HF DAB-DETR state dict to ours; the encoder's q/k/v projections become one in_proj.
+def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int, naming: Naming = DAB) -> dict[str, Tensor]:
+    """Rename an HF state dict to ours; q/k/v projections of the `naming.fused` self-attention become one in_proj.
 
     HF builds (and runs) every ResNet stage whatever its `out_features`; ours stops at `num_stages`.
     Backbones may be HF ResNets or timm ResNets (torchvision names under `conv_encoder.model.`).
     """
     ours: dict[str, Tensor] = {}
     qkv: dict[str, dict[str, Tensor]] = {}
+    fused = re.compile(rf"model\.{naming.fused}\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
     for key, value in hf_state.items():
-        if key.startswith("model.decoder.bbox_embed.") or key.endswith("num_batches_tracked"):
-            continue  # the decoder's box head is tied to bbox_predictor
-        if m := re.fullmatch(r"model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
-            qkv.setdefault(f"encoder.layers.{m[1]}.self_attn.in_proj_{m[3]}", {})[m[2]] = value
+        if key.startswith(naming.tied) or key.endswith("num_batches_tracked"):
+            continue
+        if m := fused.fullmatch(key):
+            qkv.setdefault(f"{naming.fused}{naming.layer_infix}{m[1]}.self_attn.in_proj_{m[3]}", {})[m[2]] = value
             continue
         try:
-            name = _rename(key)
+            name = _rename(key, naming)
         except KeyError:
             raise UserError(f"HF weights: no kddetr parameter for {key!r}") from None
         stage = re.match(r"backbone\.body\.layer(\d)\.", name)
@@ -136,48 +171,92 @@ def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int) -> dict[str, Tensor
     return ours
 
 
-def ours_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> HF names (inverse of `hf_to_ours`), with the ResNet stages we do not use filled in.
+def num_deformable_heads(cfg: ModelConfig) -> tuple[int, int]:
+    """Class/box heads of a Deformable DETR: (ours, the reference's), which has one per prediction even if shared."""
+    predictions = cfg.decoder_layers + cfg.two_stage
+    return (predictions if cfg.box_refine else 1), predictions
 
-    HF always builds four ResNet stages; the unused ones get torchvision's initial weights (they never
-    reach the outputs). The tied decoder box head is written beside `bbox_predictor`.
+
+def deformable_hf_to_ours(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Rename an HF Deformable DETR state dict to ours, heads included.
+
+    HF ties heads: `class_embed.i` may be saved only as `model.decoder.class_embed.i` (two-stage), or not at
+    all when tied to `class_embed.0` (shared heads; class heads with box refinement alone); the same for
+    `bbox_embed`. Ours keeps one shared head, or one per prediction with box refinement.
     """
-    top = {ours: hf for hf, ours in TOP.items()}
-    layer_tables = {"encoder": {o: h for h, o in ENCODER_LAYER.items()},
-                    "decoder": {o: h for h, o in DECODER_LAYER.items()}}
+    ours_heads, _ = num_deformable_heads(cfg)
+    heads: dict[str, Tensor] = {}
+    for kind, i in ((kind, i) for kind in HEADS for i in range(ours_heads)):
+        for source in (f"{kind}.{i}.", f"model.decoder.{kind}.{i}.", f"{kind}.0."):
+            found = {k[len(source):]: v for k, v in hf_state.items() if k.startswith(source)}
+            if found:
+                heads.update({f"{kind}.{i}.{leaf}": v for leaf, v in found.items()})
+                break
+    rest = {k: v for k, v in hf_state.items() if not re.match(r"(model\.decoder\.)?(class|bbox)_embed\.", k)}
+    return {**hf_to_ours(rest, cfg.backbone.num_stages, DEFORMABLE), **heads}
+
+
+def _rename_to_hf(state: dict[str, Tensor], naming: Naming) -> dict[str, Tensor]:
+    """Our state dict -> HF names (inverse of `hf_to_ours`), copies of tied parameters left out."""
+    top = {ours: hf for hf, ours in naming.top.items()}
+    tables = {part: {o: h for h, o in getattr(naming, part).items()} for part in ("encoder", "decoder")}
+    infix = re.escape(naming.layer_infix)
     hf: dict[str, Tensor] = {}
     for key, value in state.items():
-        module, leaf = key.rsplit(".", 1)
+        module, _, leaf = key.rpartition(".")
         if key.endswith("num_batches_tracked"):
             continue
-        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", key):
+        if m := re.fullmatch(rf"{naming.fused}{infix}(\d+)\.self_attn\.in_proj_(weight|bias)", key):
             for name, part in zip("qkv", value.chunk(3)):
-                hf[f"model.encoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}"] = part
-        elif m := re.fullmatch(r"(encoder|decoder)\.layers\.(\d+)\.(.+)", module):
-            hf[f"model.{m[1]}.layers.{m[2]}.{layer_tables[m[1]][m[3]]}.{leaf}"] = value
+                hf[f"model.{naming.fused}.layers.{m[1]}.self_attn.{name}_proj.{m[2]}"] = part
+        elif m := re.fullmatch(rf"(encoder|decoder){infix}(\d+)\.(.+)", module):
+            hf[f"model.{m[1]}.layers.{m[2]}.{tables[m[1]][m[3]]}.{leaf}"] = value
         elif key.startswith("backbone.body."):
             hf[HF_BACKBONE + _tv_resnet_to_hf(key[len("backbone.body."):])] = value
         else:
-            prefix = next((p for p in top if key.startswith(p + ".")), None)
+            prefix = next((p for p in top if key == p or key.startswith(p + ".")), None)
             if prefix is None:
-                raise UserError(f"{key}: this parameter has no place in HF's DabDetrForObjectDetection")
+                raise UserError(f"{key}: this parameter has no place in HF's model")
             hf[top[prefix] + key[len(prefix):]] = value
+    return hf
+
+
+def ours_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict -> HF names (inverse of `hf_to_ours`), with what HF holds besides: every tied copy, and
+    the ResNet stages we do not use (torchvision's initial weights; HF always builds four, they never reach
+    the outputs).
+    """
+    if cfg.arch == "deformable_detr":
+        heads = {k: v for k, v in state.items() if k.startswith(tuple(f"{h}." for h in HEADS))}
+        hf = _rename_to_hf({k: v for k, v in state.items() if k not in heads}, DEFORMABLE)
+        ours_heads, hf_heads = num_deformable_heads(cfg)
+        copies = {"bbox_embed": cfg.box_refine, "class_embed": cfg.two_stage}  # also under model.decoder
+        for key, value in heads.items():
+            kind, i, rest = key.split(".", 2)
+            for j in (range(hf_heads) if ours_heads == 1 else [int(i)]):
+                hf[f"{kind}.{j}.{rest}"] = value
+                if copies[kind]:
+                    hf[f"model.decoder.{kind}.{j}.{rest}"] = value
+    else:
+        hf = _rename_to_hf(state, DAB)
+        for key in [k for k in hf if k.startswith("bbox_predictor.")]:
+            hf["model.decoder.bbox_embed." + key[len("bbox_predictor."):]] = hf[key]
     unused = RESNETS[cfg.backbone.name]().state_dict()
     for key, value in unused.items():
         stage = re.match(r"layer(\d)\.", key)
         if stage and int(stage[1]) > cfg.backbone.num_stages and not key.endswith("num_batches_tracked"):
             hf[HF_BACKBONE + _tv_resnet_to_hf(key)] = value
-    for key in [k for k in hf if k.startswith("bbox_predictor.")]:
-        hf["model.decoder.bbox_embed." + key[len("bbox_predictor."):]] = hf[key]
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
 
 
-def _backbone_from_hf(hf: dict, where: str) -> BackboneConfig:
-    """Our backbone config from `backbone_config` (HF ResNet or timm ResNet) or the older top-level keys."""
+def _backbone_from_hf(hf: dict, where: str, timm_out: list[int]) -> tuple[BackboneConfig, list[int]]:
+    """Our backbone config and the stages HF takes features from, from `backbone_config` (HF ResNet or timm
+    ResNet) or the older top-level keys (`timm_out`: that model's default stages of a timm backbone).
+    """
     sub = hf.get("backbone_config")
-    dilation = bool(hf.get("dilation", HF_DEFAULTS["dilation"]))
-    if sub is None and hf.get("use_timm_backbone", HF_DEFAULTS["use_timm_backbone"]):
-        sub = {"model_type": "timm_backbone", "backbone": hf.get("backbone") or HF_DEFAULTS["backbone"]}
+    dilation = bool(hf["dilation"])
+    if sub is None and hf["use_timm_backbone"]:
+        sub = {"model_type": "timm_backbone", "backbone": hf.get("backbone") or "resnet50", "out_indices": timm_out}
     sub = sub if sub is not None else {"model_type": "resnet"}
     kind = sub.get("model_type")
     if kind == "timm_backbone":
@@ -185,9 +264,10 @@ def _backbone_from_hf(hf: dict, where: str) -> BackboneConfig:
         if name not in RESNETS:
             raise UserError(f"{where}: backbone_config.backbone={name!r} is not supported "
                             f"(timm ResNets: {', '.join(RESNETS)})")
-        num_stages = max(sub.get("out_indices") or [4])
+        stages = list(sub.get("out_indices") or [4])
         dilation = dilation or sub.get("output_stride") == 16
-        return BackboneConfig(name=name, num_stages=num_stages, dilation=dilation, frozen_bn=True, freeze_stem=True)
+        return BackboneConfig(name=name, num_stages=max(stages), dilation=dilation, frozen_bn=True,
+                              freeze_stem=True), stages
     if kind != "resnet":
         raise UserError(f"{where}: backbone_config.model_type={kind!r} is not supported (resnet or timm_backbone)")
     if dilation:
@@ -206,15 +286,27 @@ def _backbone_from_hf(hf: dict, where: str) -> BackboneConfig:
     if list(sub["hidden_sizes"]) != widths:
         raise UserError(f"{where}: backbone_config.hidden_sizes={sub['hidden_sizes']} differ from {name}'s {widths}")
     stages = [int(s.removeprefix("stage")) for s in sub.get("out_features") or []] or sub.get("out_indices") or [4]
-    return BackboneConfig(name=name, num_stages=max(stages), frozen_bn=True, freeze_stem=True)
+    return BackboneConfig(name=name, num_stages=max(stages), frozen_bn=True, freeze_stem=True), list(stages)
+
+
+def _check_same(hf: dict, pairs: tuple[tuple[str, str], ...], where: str) -> None:
+    for first, second in pairs:
+        if hf[first] != hf[second]:
+            raise UserError(f"{where}: {second}={hf[second]} differs from {first}={hf[first]}; "
+                            "kddetr uses one value for both")
+
+
+def _check_activation(hf: dict, supported: tuple[str, ...], where: str) -> None:
+    if hf["activation_function"] not in supported:
+        raise UserError(f"{where}: activation_function={hf['activation_function']!r} is not supported "
+                        f"({', '.join(supported)})")
 
 
 def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """Our `ModelConfig` from an HF DAB-DETR config dict; options we cannot reproduce raise `UserError`."""
     model_type = hf.get("model_type")
     if model_type != "dab-detr":
-        raise UserError(f"{where}: model_type={model_type!r} is not supported; only 'dab-detr' for now "
-                        "(Deformable DETR import comes with that detector)")
+        raise UserError(f"{where}: model_type={model_type!r}: a DAB-DETR config ('dab-detr') expected here")
     hf = {**HF_DEFAULTS, **hf}
     for key, only in (("keep_query_pos", False), ("query_dim", 4)):
         if hf[key] != only:
@@ -222,20 +314,48 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     scale = hf["sine_position_embedding_scale"]
     if scale is not None and not math.isclose(scale, 2 * math.pi):
         raise UserError(f"{where}: sine_position_embedding_scale={scale} is not supported (only 2π)")
-    for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim"),
-                     ("temperature_height", "temperature_width")):
-        if hf[enc] != hf[dec]:
-            raise UserError(f"{where}: {dec}={hf[dec]} differs from {enc}={hf[enc]}; kddetr uses one value for both")
-    if hf["activation_function"] not in ("relu", "prelu", "gelu"):
-        raise UserError(f"{where}: activation_function={hf['activation_function']!r} is not supported "
-                        "(relu, prelu, gelu)")
+    _check_same(hf, (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim"),
+                     ("temperature_height", "temperature_width")), where)
+    _check_activation(hf, ("relu", "prelu", "gelu"), where)
+    backbone, _ = _backbone_from_hf(hf, where, timm_out=[4])
     return ModelConfig(
-        arch="dab_detr", backbone=_backbone_from_hf(hf, where), hidden_dim=hf["hidden_size"],
+        arch="dab_detr", backbone=backbone, hidden_dim=hf["hidden_size"],
         num_heads=hf["encoder_attention_heads"], encoder_layers=hf["encoder_layers"],
         decoder_layers=hf["decoder_layers"], dim_feedforward=hf["encoder_ffn_dim"], dropout=float(hf["dropout"]),
         activation=hf["activation_function"], normalize_before=hf["normalize_before"],
         num_queries=hf["num_queries"], num_patterns=hf["num_patterns"],
         random_refpoints_xy=hf["random_refpoints_xy"], temperature=float(hf["temperature_height"]))
+
+
+def backbone_levels(levels: int, num_stages: int) -> list[int]:
+    """The ResNet stages a Deformable DETR with `levels` feature levels takes features from (the last ones)."""
+    return list(range(num_stages - min(levels, 3, num_stages) + 1, num_stages + 1))
+
+
+def deformable_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Our `ModelConfig` from an HF Deformable DETR config dict; options we cannot reproduce raise `UserError`."""
+    hf = {**DEFORMABLE_DEFAULTS, **hf}
+    if hf["position_embedding_type"] != "sine":
+        raise UserError(f"{where}: position_embedding_type={hf['position_embedding_type']!r} is not supported "
+                        "(only 'sine')")
+    if hf["two_stage"] and not hf["with_box_refine"]:
+        raise UserError(f"{where}: two_stage=true needs with_box_refine=true")
+    _check_same(hf, (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim"),
+                     ("encoder_n_points", "decoder_n_points")), where)
+    _check_activation(hf, ("relu", "gelu"), where)
+    levels = hf["num_feature_levels"]
+    backbone, stages = _backbone_from_hf(hf, where, timm_out=[2, 3, 4] if levels > 1 else [4])
+    if sorted(stages) != backbone_levels(levels, backbone.num_stages):
+        raise UserError(f"{where}: backbone_config out_features/out_indices {stages} with num_feature_levels="
+                        f"{levels}: kddetr takes stages {backbone_levels(levels, backbone.num_stages)}")
+    return ModelConfig(
+        arch="deformable_detr", backbone=backbone, hidden_dim=hf["d_model"],
+        num_heads=hf["encoder_attention_heads"], encoder_layers=hf["encoder_layers"],
+        decoder_layers=hf["decoder_layers"], dim_feedforward=hf["encoder_ffn_dim"], dropout=float(hf["dropout"]),
+        activation=hf["activation_function"],
+        num_queries=hf["two_stage_num_proposals"] if hf["two_stage"] else hf["num_queries"],
+        num_feature_levels=levels, num_points=hf["encoder_n_points"], box_refine=hf["with_box_refine"],
+        two_stage=hf["two_stage"])
 
 
 def categories_from_hf(hf: dict, num_classes: int, where: str = "config.json") -> DatasetInfo:
@@ -269,8 +389,26 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
     raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin (a local HF model directory expected)")
 
 
+@dataclass(frozen=True)
+class HFDetector:
+    """One HF detector class: its config.json reader and weight renaming."""
+
+    architecture: str
+    model_config: Callable[[dict, str], ModelConfig]
+    to_ours: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]
+    class_head: str  # our class head's weight, whose rows are the labels
+
+
+HF_DETECTORS = {  # config.json model_type -> reader
+    "dab-detr": HFDetector("DabDetrForObjectDetection", model_config_from_hf,
+                           lambda state, cfg: hf_to_ours(state, cfg.backbone.num_stages), "class_embed.weight"),
+    "deformable_detr": HFDetector("DeformableDetrForObjectDetection", deformable_config_from_hf,
+                                  deformable_hf_to_ours, "class_embed.0.weight"),
+}
+
+
 def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor], DatasetInfo]:
-    """A local HF `DabDetrForObjectDetection` directory -> our model config, our state dict, its categories."""
+    """A local HF DAB-DETR or Deformable DETR directory -> our model config, our state dict, its categories."""
     hf_dir = Path(hf_dir)
     cfg_file = hf_dir / "config.json"
     if not cfg_file.is_file():
@@ -279,45 +417,76 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Dataset
         hf = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_file}: invalid JSON: {e}") from None
-    cfg = model_config_from_hf(hf, str(cfg_file))
-    state = hf_to_ours(_read_weights(hf_dir), cfg.backbone.num_stages)
-    if "class_embed.weight" not in state:
-        raise UserError(f"{hf_dir}: no class_embed.weight (not a DabDetrForObjectDetection checkpoint)")
-    return cfg, state, categories_from_hf(hf, state["class_embed.weight"].shape[0], str(cfg_file))
+    detector = HF_DETECTORS.get(hf.get("model_type"))
+    if detector is None:
+        raise UserError(f"{cfg_file}: model_type={hf.get('model_type')!r} is not supported "
+                        f"({', '.join(map(repr, HF_DETECTORS))})")
+    cfg = detector.model_config(hf, str(cfg_file))
+    state = detector.to_ours(_read_weights(hf_dir), cfg)
+    if detector.class_head not in state:
+        raise UserError(f"{hf_dir}: no {detector.class_head} (not a {detector.architecture} checkpoint)")
+    return cfg, state, categories_from_hf(hf, state[detector.class_head].shape[0], str(cfg_file))
+
+
+def _refuse(cfg: ModelConfig, unsupported: dict[str, tuple[Any, bool]], hf_config_class: str) -> None:
+    for key, (value, bad) in unsupported.items():
+        if bad:
+            raise UserError(f"model.{key}: {value!r} has no equivalent in HF's {hf_config_class}")
+
+
+def _resnet_config(backbone: BackboneConfig, stages: list[int]) -> dict[str, Any]:
+    layer_type, depths = RESNET_SHAPES[backbone.name]
+    widths = [64, 128, 256, 512] if layer_type == "basic" else [256, 512, 1024, 2048]
+    return {"model_type": "resnet", **RESNET_DEFAULTS, "layer_type": layer_type, "depths": depths,
+            "hidden_sizes": widths, "out_features": [f"stage{s}" for s in stages]}
+
+
+def _label_fields(dataset: DatasetInfo) -> dict[str, Any]:
+    return {"id2label": {str(i): name for i, name in enumerate(dataset.category_names)},
+            "label2id": {name: i for i, name in enumerate(dataset.category_names)},
+            CATEGORY_IDS_KEY: list(dataset.category_ids)}
+
+
+def _common_fields(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
+    return {"architectures": [architecture], "use_timm_backbone": False, "use_pretrained_backbone": False,
+            "encoder_layers": cfg.encoder_layers, "decoder_layers": cfg.decoder_layers,
+            "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
+            "encoder_ffn_dim": cfg.dim_feedforward, "decoder_ffn_dim": cfg.dim_feedforward,
+            "activation_function": cfg.activation, "dropout": cfg.dropout, "num_queries": cfg.num_queries}
 
 
 def hf_config(cfg: ModelConfig, dataset: DatasetInfo) -> dict[str, Any]:
-    """The config.json of HF's `DabDetrForObjectDetection` for our model; what HF cannot express raises `UserError`."""
-    unsupported = {"arch": (cfg.arch, cfg.arch != "dab_detr"),
-                   "pre_norm_layers": (cfg.pre_norm_layers, cfg.pre_norm_layers),
-                   "modulate_hw_attn": (cfg.modulate_hw_attn, not cfg.modulate_hw_attn),
-                   "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation),
-                   "temperature": (cfg.temperature, not float(cfg.temperature).is_integer())}
-    for key, (value, bad) in unsupported.items():
-        if bad:
-            raise UserError(f"model.{key}: {value!r} has no equivalent in HF's DabDetrConfig")
-    layer_type, depths = RESNET_SHAPES[cfg.backbone.name]
-    widths = [64, 128, 256, 512] if layer_type == "basic" else [256, 512, 1024, 2048]
+    """The config.json of HF's DAB-DETR or Deformable DETR for our model; what HF cannot express raises `UserError`."""
+    if cfg.arch == "deformable_detr":
+        _refuse(cfg, {"activation": (cfg.activation, cfg.activation not in ("relu", "gelu")),
+                      "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation)}, "DeformableDetrConfig")
+        return {
+            "model_type": "deformable_detr", **_common_fields(cfg, "DeformableDetrForObjectDetection"),
+            "backbone_config": _resnet_config(cfg.backbone, backbone_levels(cfg.num_feature_levels,
+                                                                              cfg.backbone.num_stages)),
+            "d_model": cfg.hidden_dim, "position_embedding_type": "sine",
+            "num_feature_levels": cfg.num_feature_levels, "encoder_n_points": cfg.num_points,
+            "decoder_n_points": cfg.num_points, "with_box_refine": cfg.box_refine, "two_stage": cfg.two_stage,
+            "two_stage_num_proposals": cfg.num_queries,
+            "tie_word_embeddings": False,  # every head is written out (HF would tie box-refine class heads)
+            **_label_fields(dataset)}
+    _refuse(cfg, {"arch": (cfg.arch, cfg.arch != "dab_detr"),
+                  "pre_norm_layers": (cfg.pre_norm_layers, cfg.pre_norm_layers),
+                  "modulate_hw_attn": (cfg.modulate_hw_attn, not cfg.modulate_hw_attn),
+                  "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation),
+                  "temperature": (cfg.temperature, not float(cfg.temperature).is_integer())}, "DabDetrConfig")
     return {
-        "model_type": "dab-detr", "architectures": ["DabDetrForObjectDetection"],
-        "use_timm_backbone": False, "use_pretrained_backbone": False,
-        "backbone_config": {"model_type": "resnet", **RESNET_DEFAULTS, "layer_type": layer_type, "depths": depths,
-                            "hidden_sizes": widths, "out_features": [f"stage{cfg.backbone.num_stages}"]},
-        "hidden_size": cfg.hidden_dim, "encoder_layers": cfg.encoder_layers, "decoder_layers": cfg.decoder_layers,
-        "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
-        "encoder_ffn_dim": cfg.dim_feedforward, "decoder_ffn_dim": cfg.dim_feedforward,
-        "activation_function": cfg.activation, "dropout": cfg.dropout, "num_queries": cfg.num_queries,
-        "num_patterns": cfg.num_patterns, "random_refpoints_xy": cfg.random_refpoints_xy,
-        "normalize_before": cfg.normalize_before, "keep_query_pos": False, "query_dim": 4,
+        "model_type": "dab-detr", **_common_fields(cfg, "DabDetrForObjectDetection"),
+        "backbone_config": _resnet_config(cfg.backbone, [cfg.backbone.num_stages]),
+        "hidden_size": cfg.hidden_dim, "num_patterns": cfg.num_patterns,
+        "random_refpoints_xy": cfg.random_refpoints_xy, "normalize_before": cfg.normalize_before,
+        "keep_query_pos": False, "query_dim": 4,
         "temperature_height": int(cfg.temperature), "temperature_width": int(cfg.temperature),
-        "id2label": {str(i): name for i, name in enumerate(dataset.category_names)},
-        "label2id": {name: i for i, name in enumerate(dataset.category_names)},
-        CATEGORY_IDS_KEY: list(dataset.category_ids),
-    }
+        **_label_fields(dataset)}
 
 
 def write_hf(out: str | Path, cfg: ModelConfig, state: dict[str, Tensor], dataset: DatasetInfo) -> Path:
-    """Write `config.json` + `model.safetensors` that `DabDetrForObjectDetection.from_pretrained(out)` loads."""
+    """Write `config.json` + `model.safetensors` that HF's `...ForObjectDetection.from_pretrained(out)` loads."""
     config = hf_config(cfg, dataset)
     weights = ours_to_hf(state, cfg)
     out = Path(out)
@@ -325,4 +494,3 @@ def write_hf(out: str | Path, cfg: ModelConfig, state: dict[str, Tensor], datase
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
-

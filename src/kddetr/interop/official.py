@@ -1,24 +1,30 @@
-"""Checkpoints of the official DAB-DETR / KD-DETR repos (`{"model": state_dict}`, their module names) to ours."""
+"""Checkpoints of the official DAB-DETR / KD-DETR / Deformable-DETR repos (`{"model": state_dict}`) to ours."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from kddetr.config import Config, from_dict, load_yaml
+from kddetr.config import Config, ModelConfig, from_dict, load_yaml
 from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.interop.hf import RESNET_SHAPES
 
-ARCHS = ("dab_detr",)
 TOP_LEVEL = ("input_proj.", "refpoint_embed.", "class_embed.", "bbox_embed.")
+DEFORMABLE_TOP_LEVEL = ("query_embed.", "input_proj.", "class_embed.", "bbox_embed.")
+DEFORMABLE_TRANSFORMER = ("level_embed", "reference_points", "enc_output", "enc_output_norm", "pos_trans",
+                          "pos_trans_norm")
+DEFORMABLE_DECODER_NORMS = {"norm1": "norm2", "norm2": "norm1"}
 # Options in the official `args` (saved in their checkpoints) that the weights' shapes do not tell.
-ARGS = {"nheads": "num_heads", "pe_temperatureH": "temperature", "dilation": "backbone.dilation",
-        "random_refpoints_xy": "random_refpoints_xy", "dropout": "dropout"}
+DAB_ARGS = {"nheads": "num_heads", "pe_temperatureH": "temperature", "dilation": "backbone.dilation",
+            "random_refpoints_xy": "random_refpoints_xy", "dropout": "dropout"}
+DEFORMABLE_ARGS = {"nheads": "num_heads", "dilation": "backbone.dilation", "dropout": "dropout"}
 
 
 def official_key_to_ours(key: str) -> str:
@@ -100,6 +106,90 @@ def infer_model_fields(state: dict[str, Tensor], where: str) -> dict[str, Any]:
     return fields
 
 
+def deformable_key_to_ours(key: str) -> str:
+    """Official Deformable-DETR names -> ours (its decoder's norm1 follows the cross-attention, ours self-attention)."""
+    if key.startswith("backbone.0.body."):
+        return official_key_to_ours(key)
+    if m := re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.([^.]+)\.(.+)", key):
+        part, index, module, rest = m.groups()
+        if module in ("linear1", "linear2"):
+            module = f"ffn.{module}"
+        elif part == "decoder":
+            module = DEFORMABLE_DECODER_NORMS.get(module, module)
+        return f"{part}.{index}.{module}.{rest}"
+    if key.split(".")[:2] in [["transformer", m] for m in DEFORMABLE_TRANSFORMER]:
+        return key[len("transformer."):]
+    if key.startswith(DEFORMABLE_TOP_LEVEL):
+        return key
+    raise UserError(f"official checkpoint: no kddetr parameter for {key!r}")
+
+
+def deformable_official_to_ours(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename an official Deformable-DETR state dict, dropping its copies.
+
+    Dropped: the decoder's references to the heads (`transformer.decoder.{bbox,class}_embed`), BN step
+    counters, and without box refinement the repeats of the one shared head (`class_embed.1...`).
+    """
+    shared = not any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
+    ours = {}
+    for key, value in state.items():
+        repeat = shared and re.match(r"(class|bbox)_embed\.[1-9]", key)
+        copy = key.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed."))
+        if copy or repeat or key.endswith("num_batches_tracked"):
+            continue
+        ours[deformable_key_to_ours(key)] = value
+    return ours
+
+
+def infer_deformable_fields(state: dict[str, Tensor], where: str, num_heads: int) -> dict[str, Any]:
+    """Model config fields (dotted keys) that an official Deformable-DETR state dict fixes, given the head count."""
+    def shape(key: str) -> torch.Size:
+        if key not in state:
+            raise UserError(f"{where}: no {key!r}; is this an official Deformable-DETR checkpoint?")
+        return state[key].shape
+
+    levels, dim = shape("transformer.level_embed")
+    projections = _count(state, r"input_proj\.(\d+)\.")
+    if projections != levels:
+        raise UserError(f"{where}: {projections} input projections (input_proj) for {levels} level embeddings")
+    encoder_layers = _count(state, r"transformer\.encoder\.layers\.(\d+)\.")
+    samples = {shape(f"transformer.{part}.layers.0.{attn}.attention_weights.weight")[0]  # heads * levels * points
+               for part, attn in (("encoder", "self_attn"), ("decoder", "cross_attn"))
+               if part == "decoder" or encoder_layers}
+    if len(samples) > 1:
+        raise UserError(f"{where}: enc_n_points differs from dec_n_points; kddetr uses one num_points")
+    points, rest = divmod(samples.pop(), num_heads * levels)
+    if rest:
+        raise UserError(f"{where}: its attention samples {points * num_heads * levels + rest} points per query, "
+                        f"not a multiple of model.num_heads={num_heads} x {levels} levels; give the trained nheads")
+    two_stage = "transformer.enc_output.weight" in state
+    name, num_stages = _backbone_name(state, where)
+    fields = {
+        "arch": "deformable_detr", "backbone.name": name, "backbone.num_stages": num_stages, "hidden_dim": dim,
+        "encoder_layers": encoder_layers, "decoder_layers": _count(state, r"transformer\.decoder\.layers\.(\d+)\."),
+        "dim_feedforward": shape("transformer.decoder.layers.0.linear1.weight")[0], "num_feature_levels": levels,
+        "num_points": points, "two_stage": two_stage, "activation": "relu",
+        "box_refine": any(k.startswith("transformer.decoder.bbox_embed.") for k in state),
+    }
+    if not two_stage:
+        fields["num_queries"] = shape("query_embed.weight")[0]
+    return fields
+
+
+def _deformable_fields_from_args(args: dict[str, Any], where: str) -> dict[str, Any]:
+    if args.get("position_embedding", "sine") != "sine":
+        raise UserError(f"{where}: args.position_embedding={args['position_embedding']!r} is not supported (sine)")
+    scale = args.get("position_embedding_scale")
+    if scale is not None and not math.isclose(scale, 2 * math.pi):
+        raise UserError(f"{where}: args.position_embedding_scale={scale} is not supported (only 2π)")
+    if args.get("masks"):
+        raise UserError(f"{where}: args.masks=True (segmentation) is not supported")
+    fields = {ours: args[name] for name, ours in DEFORMABLE_ARGS.items() if args.get(name) is not None}
+    if args.get("two_stage") and args.get("num_queries") is not None:
+        fields["num_queries"] = args["num_queries"]  # two-stage keeps that many proposals; no weights tell
+    return fields
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
@@ -123,7 +213,7 @@ def _fields_from_args(args: dict[str, Any], where: str) -> dict[str, Any]:
     if args.get("pe_temperatureH") != args.get("pe_temperatureW"):
         raise UserError(f"{where}: args.pe_temperatureW={args.get('pe_temperatureW')} differs from "
                         f"pe_temperatureH={args.get('pe_temperatureH')}; kddetr uses one temperature")
-    fields = {ours: args[name] for name, ours in ARGS.items() if args.get(name) is not None}
+    fields = {ours: args[name] for name, ours in DAB_ARGS.items() if args.get(name) is not None}
     if args.get("transformer_activation") in ("relu", "gelu"):
         fields["activation"] = args["transformer_activation"]
     return fields
@@ -151,9 +241,31 @@ def load_official_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, args
 
 
+@dataclass(frozen=True)
+class OfficialArch:
+    """How to read one official repo's checkpoints into our config and names."""
+
+    from_args: Callable[[dict[str, Any], str], dict[str, Any]]  # model fields (dotted) from the saved `args`
+    from_weights: Callable[[dict[str, Tensor], str, dict[str, Any]], dict[str, Any]]  # (state, where, known so far)
+    to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    class_head: str  # whose rows are the labels
+
+
+ARCHS = {
+    "dab_detr": OfficialArch(_fields_from_args, lambda state, where, _: infer_model_fields(state, where),
+                             official_to_ours, "class_embed.weight"),
+    "deformable_detr": OfficialArch(
+        _deformable_fields_from_args,
+        lambda state, where, known: infer_deformable_fields(state, where,
+                                                            known.get("num_heads", ModelConfig.num_heads)),
+        deformable_official_to_ours, "class_embed.0.weight"),
+}
+
+
 def read_official(path: str | Path, arch: str = "dab_detr", config: Optional[str | Path] = None,
                   num_classes: Optional[int] = None) -> tuple[Config, dict[str, Tensor], DatasetInfo]:
-    """An official DAB-DETR checkpoint -> our config, our state dict, and categories 0..C-1.
+    """An official DAB-DETR (`arch="dab_detr"`) or Deformable-DETR (`"deformable_detr"`) checkpoint -> our
+    config, our state dict, and categories 0..C-1.
 
     Sizes come from the tensors' names and shapes, the other options from the checkpoint's saved
     `args` and the `config` YAML (which also gives the train/data/kd sections); an explicit YAML value
@@ -163,14 +275,16 @@ def read_official(path: str | Path, arch: str = "dab_detr", config: Optional[str
     path = Path(path)
     where = str(path)
     if arch not in ARCHS:
-        raise UserError(f"--arch {arch}: not supported yet (supported: {', '.join(ARCHS)})")
+        raise UserError(f"--arch {arch}: not supported (supported: {', '.join(ARCHS)})")
+    reader = ARCHS[arch]
     state, args = load_official_state(path)
-    known = {**_fields_from_args(args, where), **infer_model_fields(state, where)}
     data = load_yaml(config) if config is not None else {}
     model = data.setdefault("model", {})
     if not isinstance(model, dict):
         raise UserError(f"{config}: 'model' must be a mapping")
     explicit = _flatten(model)
+    known = reader.from_args(args, where)
+    known.update(reader.from_weights(state, where, {**known, **explicit}))
     for key, value in known.items():
         if key in explicit and explicit[key] != value:
             raise UserError(f"{config}: model.{key}={explicit[key]!r}, but {where} has {value!r}")
@@ -182,10 +296,10 @@ def read_official(path: str | Path, arch: str = "dab_detr", config: Optional[str
     _set(model, "backbone.weights", None)  # the checkpoint holds the backbone
     _set(model, "backbone.frozen_bn", True)  # as the official FrozenBatchNorm2d
     cfg = from_dict(Config, data, str(config) if config is not None else where)
-    if "class_embed.weight" not in state:
-        raise UserError(f"{where}: no 'class_embed.weight'; is this an official DAB-DETR checkpoint?")
-    classes = state["class_embed.weight"].shape[0]
+    if reader.class_head not in state:
+        raise UserError(f"{where}: no {reader.class_head!r}; is this an official {arch} checkpoint?")
+    classes = state[reader.class_head].shape[0]
     if num_classes is not None and num_classes != classes:
         raise UserError(f"--num-classes {num_classes}: {where} has a {classes}-class head")
-    ours = official_to_ours(state)
+    ours = reader.to_ours(state)
     return cfg, ours, DatasetInfo(list(range(classes)), [f"class_{i}" for i in range(classes)])

@@ -1,7 +1,6 @@
 """ResNet backbones (torchvision) cut after the last stage used, returning one feature map and its padding mask."""
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -105,11 +104,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only=True met something other than tensors and plain data
-        raise UserError(f"{path}: refused: not a plain state dict of tensors, and unpickling it could run code; "
-                        "save `model.state_dict()` with torch.save or as .safetensors") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
-        detail = next((line for line in str(e).splitlines() if line.strip()), "no detail")
+        if "Unsupported global" in str(e):  # weights_only=True met a class or function: it could run code
+            raise UserError(f"{path}: refused: not a plain state dict of tensors, and unpickling it could run code; "
+                            "save `model.state_dict()` with torch.save or as .safetensors") from None
+        detail = str(e).rpartition("WeightsUnpickler error:")[2].strip() or type(e).__name__  # torch's run long
+        detail = next((line for line in detail.splitlines() if line.strip()), "no detail")
         raise UserError(f"{path}: cannot read backbone weights ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a flat state dict of tensors with torchvision ResNet key names")
