@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kddetr import __version__
-from kddetr.config import Config, from_dict, to_dict, yaml_problem
+from kddetr.config import Config, from_dict, to_dict, load_yaml
 from kddetr.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -116,12 +116,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
         inside = [path / d for d in ("best", "last") if (path / d / CONFIG_FILE).is_file()]
         hint = f"; did you mean {inside[0]}?" if inside else ""
         raise UserError(f"{path}: not a checkpoint directory (expected {MODEL_FILE} and {CONFIG_FILE}){hint}")
-    try:
-        data = yaml.safe_load(cfg_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{cfg_file}: invalid YAML: {yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{cfg_file}: expected a mapping")
+    data = load_yaml(cfg_file)
     info = data.pop("dataset", None)
     if not isinstance(info, dict) or not info.get("category_ids"):
         raise UserError(f"{cfg_file}: missing 'dataset.category_ids' (which categories the model predicts)")
