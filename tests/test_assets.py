@@ -16,7 +16,7 @@ BACKBONE = ROOT / "assets" / "backbone" / "resnet10_s3.safetensors"
 @pytest.fixture(scope="module")
 def embedded_val(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded")
-    generate(root, num_train=0, num_val=200, size=128, seed=0)  # the val split of `make demo`, byte for byte
+    generate(root, num_train=1, num_val=200, size=128, seed=0)  # the val split of `make demo`, byte for byte
     return root
 
 
