@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table)")
-    bench.add_argument("name", choices=["kd"])
+    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD step cost)")
+    bench.add_argument("name", choices=["kd", "speed"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
@@ -155,8 +155,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from kddetr.bench import kd_gain
-    kd_gain.main(args.bench_args)
+    from kddetr.bench import kd_gain, speed
+    {"kd": kd_gain, "speed": speed}[args.name].main(args.bench_args)
 
 
 COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train(a, distill=True),
