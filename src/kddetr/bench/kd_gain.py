@@ -89,7 +89,7 @@ def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], 
         ax.legend(loc="lower right")
     ax.invert_yaxis()
     ax.set_xlabel("COCO AP (%) on the val split")
-    ax.set_title("KD-DETR on the embedded dataset (same student, schedule and seed)")
+    ax.set_title("Same student, schedule and seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
