@@ -11,7 +11,8 @@ from kddetr.models.layers import inverse_sigmoid
 from kddetr.models.protocol import ImageBatch
 
 transformers = pytest.importorskip("transformers")
-from tests.models.test_hf_parity import BACKBONES, _randomise  # noqa: E402
+from tests.interop import randomise  # noqa: E402
+from tests.models.test_hf_parity import BACKBONES  # noqa: E402
 
 HIDDEN, HEADS, FFN, QUERIES, CLASSES, POINTS, DECODER_LAYERS = 32, 4, 64, 10, 5, 2, 3
 
@@ -27,7 +28,7 @@ def _build_pair(levels: int, box_refine: bool, two_stage: bool):
         activation_function="relu", dropout=0.0)
     torch.manual_seed(0)
     hf = transformers.DeformableDetrForObjectDetection(hf_cfg).eval()
-    _randomise(hf)
+    randomise(hf)
     cfg = ModelConfig(arch="deformable_detr", backbone=BackboneConfig(name="resnet10", num_stages=4, frozen_bn=True),
                       hidden_dim=HIDDEN, num_heads=HEADS, encoder_layers=2, decoder_layers=DECODER_LAYERS,
                       dim_feedforward=FFN, num_queries=QUERIES, activation="relu", num_feature_levels=levels,

@@ -8,6 +8,7 @@ from kddetr.config import BackboneConfig, ModelConfig
 from kddetr.interop.hf import hf_to_ours
 from kddetr.models.dab_detr import DABDETR
 from kddetr.models.protocol import ImageBatch
+from tests.interop import randomise  # unit-scale weights, so that a wrong mapping shows
 
 transformers = pytest.importorskip("transformers")
 hf_dab = pytest.importorskip("transformers.models.dab_detr.modeling_dab_detr")
@@ -17,28 +18,6 @@ BACKBONES = {  # our name -> HF ResNetConfig arguments
     "resnet10": dict(layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512]),
     "resnet50": dict(layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048]),
 }
-
-
-def _randomise(model: torch.nn.Module) -> None:
-    """Fresh weights at unit-gain scale and random norm statistics.
-
-    HF's own init (std 0.02, identity norms, zero box head) makes every query give nearly the same
-    output, which would hide a wrong mapping of the query-dependent parts.
-    """
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            noise = torch.randn(t.shape, generator=gen)
-            if "query_refpoint" in name:
-                t.copy_(noise)
-            elif name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            elif t.dim() == 2:
-                t.copy_(noise / t.shape[1] ** 0.5)
-            elif t.dim() > 2:
-                t.add_(0.5 * t.std() * noise)
-            else:
-                t.add_(0.1 * noise)
 
 
 def _build_pair(backbone: str, num_stages: int, activation: str, normalize_before: bool):
@@ -51,7 +30,7 @@ def _build_pair(backbone: str, num_stages: int, activation: str, normalize_befor
         normalize_before=normalize_before, dropout=0.0)
     torch.manual_seed(0)
     hf = transformers.DabDetrForObjectDetection(hf_cfg).eval()
-    _randomise(hf)
+    randomise(hf)
     cfg = ModelConfig(backbone=BackboneConfig(name=backbone, num_stages=num_stages, frozen_bn=True),
                       hidden_dim=HIDDEN, num_heads=HEADS, encoder_layers=2, decoder_layers=3,
                       dim_feedforward=FFN, num_queries=QUERIES, activation=activation,
