@@ -13,6 +13,8 @@ from kddetr.models.build import build_detector, count_parameters
 from kddetr.models.dab_detr import DABDETR, block_diagonal_mask
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
+from . import extra_groups, image_batch
+
 CLASSES = 3
 
 
@@ -26,18 +28,6 @@ def tiny_config(**overrides) -> ModelConfig:
 def tiny_model(**overrides) -> DABDETR:
     torch.manual_seed(0)
     return build_detector(tiny_config(**overrides), CLASSES)
-
-
-def image_batch(batch_size: int = 2, size: int = 64) -> ImageBatch:
-    torch.manual_seed(1)
-    return ImageBatch(torch.randn(batch_size, 3, size, size), torch.zeros(batch_size, size, size, dtype=torch.bool))
-
-
-def extra_groups(batch_size: int = 2) -> list[Queries]:
-    gen = torch.Generator().manual_seed(2)
-    random_anchors = Queries(torch.rand(1, 5, 4, generator=gen).expand(batch_size, -1, -1))
-    with_content = Queries(torch.rand(batch_size, 4, 4, generator=gen), torch.randn(batch_size, 4, 32, generator=gen))
-    return [random_anchors, with_content]
 
 
 @pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"])

@@ -14,6 +14,8 @@ from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.deformable_detr import NOMINAL_SIZE, DeformableDETR
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
+from . import extra_groups, image_batch
+
 CLASSES = 3
 VARIANTS = {"plain": dict(), "box_refine": dict(box_refine=True), "two_stage": dict(box_refine=True, two_stage=True)}
 
@@ -31,18 +33,6 @@ def tiny_model(**overrides) -> DeformableDETR:
     for head in model.bbox_embed:  # zero at init: boxes would not depend on the decoder
         nn.init.normal_(head.layers[-1].weight, std=0.1)
     return model
-
-
-def image_batch(batch_size: int = 2, size: int = 64) -> ImageBatch:
-    torch.manual_seed(1)
-    return ImageBatch(torch.randn(batch_size, 3, size, size), torch.zeros(batch_size, size, size, dtype=torch.bool))
-
-
-def extra_groups(batch_size: int = 2) -> list[Queries]:
-    gen = torch.Generator().manual_seed(2)
-    random_anchors = Queries(torch.rand(1, 5, 4, generator=gen).expand(batch_size, -1, -1))
-    with_content = Queries(torch.rand(batch_size, 4, 4, generator=gen), torch.randn(batch_size, 4, 32, generator=gen))
-    return [random_anchors, with_content]
 
 
 @pytest.mark.parametrize("levels,sequence", [(1, 4 * 4), (2, 8 * 8 + 4 * 4), (4, 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2)])
