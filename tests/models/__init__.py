@@ -17,3 +17,21 @@ def extra_groups(batch_size: int = 2, dim: int = 32) -> list[Queries]:
     random_anchors = Queries(torch.rand(1, 5, 4, generator=gen).expand(batch_size, -1, -1))
     with_content = Queries(torch.rand(batch_size, 4, 4, generator=gen), torch.randn(batch_size, 4, dim, generator=gen))
     return [random_anchors, with_content]
+
+
+def assert_groups_isolated(model: torch.nn.Module) -> tuple[object, object, list[Queries]]:
+    """Detection outputs unchanged by extra groups; each group equals its own decode. Returns (plain, memory, groups)."""
+    images, groups = image_batch(), extra_groups()
+    with torch.no_grad():
+        plain = model(images)
+        with_extra = model(images, extra_queries=groups)
+        memory = model.encode(images)
+        alone = [model.decode(memory, group) for group in groups]
+    torch.testing.assert_close(with_extra.logits, plain.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(with_extra.boxes, plain.boxes, atol=1e-6, rtol=0)
+    assert len(with_extra.extra) == len(groups)
+    for out, ref, group in zip(with_extra.extra, alone, groups):
+        assert out.logits.shape == (model.num_decoder_layers, 2, group.num_queries, model.num_classes)
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.boxes, ref.boxes, atol=1e-5, rtol=0)
+    return plain, memory, groups

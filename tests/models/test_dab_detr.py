@@ -13,7 +13,7 @@ from kddetr.models.build import build_detector, count_parameters
 from kddetr.models.dab_detr import DABDETR, block_diagonal_mask
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
-from . import extra_groups, image_batch
+from . import assert_groups_isolated, extra_groups, image_batch
 
 CLASSES = 3
 
@@ -89,19 +89,7 @@ def test_padding_is_invisible() -> None:
 def test_extra_groups_are_isolated(isolation: str) -> None:
     model = tiny_model(group_isolation=isolation).eval()
     nn.init.normal_(model.bbox_embed.layers[-1].weight, std=0.1)
-    images, groups = image_batch(), extra_groups()
-    with torch.no_grad():
-        plain = model(images)
-        with_extra = model(images, extra_queries=groups)
-        memory = model.encode(images)
-        alone = [model.decode(memory, group) for group in groups]
-    torch.testing.assert_close(with_extra.logits, plain.logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(with_extra.boxes, plain.boxes, atol=1e-6, rtol=0)
-    assert len(with_extra.extra) == 2
-    for out, ref, group in zip(with_extra.extra, alone, groups):
-        assert out.logits.shape == (2, 2, group.num_queries, CLASSES)
-        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.boxes, ref.boxes, atol=1e-5, rtol=0)
+    assert_groups_isolated(model)
 
 
 def test_isolation_modes_agree_and_the_mask_matters() -> None:

@@ -14,7 +14,7 @@ from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.deformable_detr import NOMINAL_SIZE, DeformableDETR
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
-from . import extra_groups, image_batch
+from . import assert_groups_isolated, extra_groups, image_batch
 
 CLASSES = 3
 VARIANTS = {"plain": dict(), "box_refine": dict(box_refine=True), "two_stage": dict(box_refine=True, two_stage=True)}
@@ -94,17 +94,7 @@ def test_one_stage_anchor_groups_use_the_nearest_learned_query_at_the_anchor_cen
 @pytest.mark.parametrize("variant", ["plain", "two_stage"])
 def test_extra_groups_are_isolated(variant: str, isolation: str) -> None:
     model = tiny_model(group_isolation=isolation, **VARIANTS[variant]).eval()
-    images, groups = image_batch(), extra_groups()
-    with torch.no_grad():
-        plain = model(images)
-        with_extra = model(images, extra_queries=groups)
-        memory = model.encode(images)
-        alone = [model.decode(memory, group) for group in groups]
-    torch.testing.assert_close(with_extra.logits, plain.logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(with_extra.boxes, plain.boxes, atol=1e-6, rtol=0)
-    for out, ref in zip(with_extra.extra, alone):
-        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.boxes, ref.boxes, atol=1e-5, rtol=0)
+    plain, memory, groups = assert_groups_isolated(model)
     inputs = zip(model._inputs(memory, None), model._inputs(memory, groups[0]))
     joint = model._decode(*[torch.cat(p, 1) for p in inputs], memory, None)
     assert not torch.allclose(joint.logits[:, :, :6], plain.logits, atol=1e-4)  # without isolation groups mix
