@@ -1,4 +1,8 @@
-"""KD step cost vs its parts: `python benchmarks/speed.py --help` (same as `kddetr bench speed`)."""
+"""Speed tables (KD overhead, vs HF transformers, inference, memory, scaling): `python benchmarks/speed.py --help`.
+
+The same as `kddetr bench speed`; with no options it uses configs/embedded_student.yaml, assets/teacher and
+data/embedded and prints every table.
+"""
 import sys
 
 from kddetr.bench.speed import main

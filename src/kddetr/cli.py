@@ -78,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD step cost)")
+    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD overhead, vs HF, inference, memory, scaling tables)")
     bench.add_argument("name", choices=["kd", "speed"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
     pl.add_argument("runs", type=Path, nargs="+")
     pl.add_argument("--out", type=Path, required=True)
+    pl.add_argument("--x", choices=["epoch", "step", "time"], default="epoch",
+                    help="x axis: epochs, optimizer steps or training minutes (default: epoch)")
     add_import_export_parsers(sub)
     return parser
 
@@ -142,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> None:
     from kddetr.viz import plot_runs
-    plot_runs(args.runs, args.out)
+    plot_runs(args.runs, args.out, args.x)
     print(f"wrote {args.out}")
 
 

@@ -10,7 +10,8 @@ from torch import nn
 from kddetr.config import BackboneConfig, ModelConfig, from_dict
 from kddetr.errors import UserError
 from kddetr.models.build import build_detector, count_parameters
-from kddetr.models.dab_detr import DABDETR, block_diagonal_mask
+from kddetr.models.dab_detr import DABDETR
+from kddetr.models.query_groups import block_diagonal_mask
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
 from . import assert_groups_isolated, extra_groups, image_batch
@@ -162,7 +163,7 @@ def test_patterns_multiply_the_queries() -> None:
 
 def test_config_and_parameter_count() -> None:
     with pytest.raises(UserError, match="group_isolation"):
-        from_dict(ModelConfig, {"group_isolation": "batch"})
+        from_dict(ModelConfig, {"group_isolation": "stacked"})
     model = tiny_model()
     total = count_parameters(model)
     assert total == sum(p.numel() for p in model.parameters())

@@ -1,89 +1,466 @@
-"""Speed benchmark: KD step cost against its parts, and the three ways to isolate query groups."""
+"""Speed benchmark (`kddetr bench speed`): KD overhead, ours vs HF transformers, inference, memory, scaling.
+
+Every number is a median over `--repeats` rounds in which the candidates of a table run interleaved (one call
+of each per round), so that load on a shared machine hits them alike; the tables report ratios measured in
+one run.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import multiprocessing
+import resource
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from kddetr.config import load_config
+from kddetr.config import Config, load_config
 from kddetr.data.coco import build_dataset
 from kddetr.data.collate import collate
-from kddetr.engine.checkpoint import load_checkpoint
+from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
+from kddetr.errors import UserError
 from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
+from kddetr.models.protocol import ImageBatch
+from kddetr.models.query_groups import ISOLATION_MODES
+
+TABLES = ("kd", "hf", "inference", "memory", "scaling")
+Step = Callable[[], None]
 
 
-def _median_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Interleaved timing (one call of each per round) so that machine noise hits every candidate alike."""
+@dataclasses.dataclass
+class Bench:
+    """What every table shares: config, one batch, the teacher, timing options."""
+
+    cfg: Config
+    device: torch.device
+    amp: Optional[torch.dtype]
+    images: ImageBatch
+    targets: list[dict[str, Tensor]]
+    num_classes: int
+    teacher: nn.Module  # with --specific-points queries
+    teacher_path: Path
+    repeats: int
+    warmup: int
+    quick: bool
+    compile: bool = False
+    channels_last: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def student(self, **model_overrides: Any) -> nn.Module:
+        torch.manual_seed(0)
+        return build_detector(dataclasses.replace(self.cfg.model, **model_overrides), self.num_classes).to(self.device)
+
+    def distiller(self, student: nn.Module, **kd_overrides: Any) -> Distiller:
+        criterion = build_criterion(self.cfg.model, self.num_classes)
+        return Distiller(student, self.teacher, criterion, dataclasses.replace(self.cfg.kd, **kd_overrides)).train()
+
+    def train_step(self, model: nn.Module, loss: Callable[[], Tensor]) -> Step:
+        """One optimiser step on `loss()` (forward + backward + AdamW), under autocast if asked for."""
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+
+        def run() -> None:
+            with self.autocast():
+                value = loss()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(value).backward()
+            scaler.step(opt)
+            scaler.update()
+        return run
+
+    def times(self, fns: dict[str, Step]) -> dict[str, float]:
+        return median_times(fns, self.repeats, self.warmup, self.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_clock(device: torch.device) -> bool:
+    """Time by this process's CPU time (immune to other processes on shared cores) when it runs on one CPU thread."""
+    return device.type == "cpu" and torch.get_num_threads() == 1
+
+
+def median_times(fns: dict[str, Step], repeats: int, warmup: int = 2,
+                 device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Median seconds per call, candidates interleaved (one call of each per round) after `warmup` calls each."""
+    clock = time.process_time if cpu_clock(device) else time.perf_counter
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            _sync(device)
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            _sync(device)
+            times[name].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def kd_overhead(config: Path, teacher: Path, data: Path, batch_size: int = 8, repeats: int = 10,
-                overrides: Sequence[str] = ()) -> str:
-    cfg = load_config(config, list(overrides))
-    dataset = build_dataset(data, cfg.data.train_split, cfg.data, train=True)
-    images, targets = collate([dataset[i] for i in range(batch_size)])
-    teacher_model = load_checkpoint(teacher).model
-    torch.manual_seed(0)
-    student = build_detector(cfg.model, dataset.num_classes)
-    criterion = build_criterion(cfg.model, dataset.num_classes)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-
-    def step(forward: Callable[[], dict]) -> Callable[[], None]:
-        def run() -> None:
-            losses = forward()
-            opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt.step()
-        return run
-
-    def teacher_forward() -> None:
-        with torch.no_grad():
-            teacher_model(images)
-
-    fns = {"student step": step(lambda: criterion(student(images, targets), targets)),
-           "teacher forward": teacher_forward}
-    distiller = Distiller(student, teacher_model, criterion, cfg.kd).train()
-    kd_step = step(lambda: distiller(images, targets)[1])
-
-    def kd_with(isolation: str) -> Callable[[], None]:
-        def run() -> None:
-            student.group_isolation = isolation
-            kd_step()
-        return run
-
-    for isolation in ("separate", "mask"):
-        fns[f"KD step ({isolation})"] = kd_with(isolation)
-    t = _median_times(fns, repeats)
-    base = t["student step"] + t["teacher forward"]
-    points = f"{cfg.kd.general_points} general + {'specific' if cfg.kd.specific_points else 'no specific'}"
-    lines = [f"KD overhead, batch {batch_size}, {points} points, {torch.get_num_threads()} threads, "
-             f"median of {repeats}", "", "| step | s | ratio to student step + teacher forward |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {v / base:.2f} |" for k, v in t.items()]
+def markdown(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="kddetr bench speed", description=__doc__)
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 and v else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def detection_loss(bench: Bench, model: nn.Module) -> Callable[[], Tensor]:
+    criterion = build_criterion(bench.cfg.model, bench.num_classes)
+    return lambda: sum(criterion(model(bench.images, bench.targets), bench.targets).values())
+
+
+def kd_loss(bench: Bench, distiller: Callable[..., Any]) -> Callable[[], Tensor]:
+    return lambda: sum(distiller(bench.images, bench.targets)[1].values())
+
+
+def teacher_forward(bench: Bench) -> Step:
+    def run() -> None:
+        with torch.no_grad(), bench.autocast():
+            bench.teacher(bench.images)
+    return run
+
+
+# ---- tables ----------------------------------------------------------------------------------------------
+def kd_table(bench: Bench) -> str:
+    """KD step against student step + teacher forward, for every isolation mode (and the optional speed-ups)."""
+    student = bench.student()
+    fns = {"student step": bench.train_step(student, detection_loss(bench, student)),
+           "teacher forward": teacher_forward(bench)}
+    distiller = bench.distiller(student)
+
+    def kd_step(distiller: Distiller, isolation: str, inference_mode: bool = False,
+                forward: Optional[Callable[..., Any]] = None) -> Step:
+        call = distiller if forward is None else forward
+        step = bench.train_step(distiller.student, kd_loss(bench, call))
+
+        def run() -> None:
+            distiller.student.group_isolation = distiller.teacher.group_isolation = isolation
+            distiller.teacher_inference_mode = inference_mode
+            step()
+        return run
+
+    for mode in ISOLATION_MODES:
+        fns[f"KD step ({mode})"] = kd_step(distiller, mode)
+    default = bench.cfg.model.group_isolation
+    fns[f"KD step ({default}, teacher inference_mode)"] = kd_step(distiller, default, inference_mode=True)
+    if bench.compile:
+        fns[f"KD step ({default}, torch.compile)"] = kd_step(distiller, default, forward=torch.compile(distiller))
+    if bench.channels_last:  # the other memory layout for the backbones (model.channels_last)
+        layout = not bench.cfg.model.channels_last
+        other_teacher = copy.deepcopy(bench.teacher)
+        other_teacher.channels_last = layout
+        other = Distiller(bench.student(channels_last=layout), other_teacher,
+                          build_criterion(bench.cfg.model, bench.num_classes), bench.cfg.kd)
+        fns[f"KD step ({default}, channels_last={layout})"] = kd_step(other.train(), default)
+    t = bench.times(fns)
+    base = t["student step"] + t["teacher forward"]
+    rows = [(name, seconds, seconds / base) for name, seconds in t.items()]
+    return markdown(f"KD overhead: KD step / (student step + teacher forward), {distiller_points(distiller)}",
+                    ["step", "s", "ratio"], rows)
+
+
+def distiller_points(distiller: Distiller) -> str:
+    sizes = {s.name: getattr(s, "num_points", None) for s in distiller.samplers}
+    if "specific" in sizes:
+        sizes["specific"] = distiller.teacher.num_queries
+    return " + ".join(f"{n} {name}" for name, n in sizes.items()) + " points" if sizes else "no points"
+
+
+def hf_table(bench: Bench) -> str:
+    """Our DAB-DETR and Deformable DETR against HF's classes with the same size and weights."""
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        return "### vs HF transformers\n\nskipped: transformers is not installed (`pip install kddetr[interop]`)"
+    rows = []
+    for arch in ("dab_detr", "deformable_detr"):
+        ours, hf, max_diff = hf_pair(bench, arch, transformers)
+        images, pixel_mask = bench.images.tensors, (~bench.images.mask).long()
+
+        def surrogate(logits: Tensor, boxes: Tensor) -> Tensor:  # the same work after the model on both sides
+            return logits.float().sigmoid().mean() + boxes.float().mean()
+
+        def ours_infer() -> None:
+            with torch.inference_mode(), bench.autocast():
+                ours(bench.images)
+
+        def hf_infer() -> None:
+            with torch.inference_mode(), bench.autocast():
+                hf(pixel_values=images, pixel_mask=pixel_mask)
+
+        def ours_loss() -> Tensor:
+            out = ours(bench.images)
+            return surrogate(out.logits[-1], out.boxes[-1])
+
+        def hf_loss() -> Tensor:
+            out = hf(pixel_values=images, pixel_mask=pixel_mask)
+            return surrogate(out.logits, out.pred_boxes)
+
+        ours.train(), hf.train()
+        train = bench.times({"ours": bench.train_step(ours, ours_loss), "hf": bench.train_step(hf, hf_loss)})
+        ours.eval(), hf.eval()
+        infer = bench.times({"ours": ours_infer, "hf": hf_infer})
+        name = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR"}[arch]
+        for what, t in (("train step", train), ("inference", infer)):
+            rows.append((name, what, t["ours"], t["hf"], t["hf"] / t["ours"], max_diff))
+    return markdown(f"vs HF transformers {transformers.__version__} (same size and weights; train step = forward + "
+                    "backward + AdamW on the final outputs)", ["model", "step", "ours s", "HF s",
+                                                               "speed-up (HF / ours)", "max abs output diff"], rows)
+
+
+def hf_pair(bench: Bench, arch: str, transformers: Any) -> tuple[nn.Module, nn.Module, float]:
+    """Our detector with the student's sizes and HF's built from the same config and weights (offline)."""
+    from kddetr.interop.hf import HF_DETECTORS, write_hf
+
+    overrides: dict[str, Any] = {"arch": arch, "group_isolation": "separate"}
+    if arch == "deformable_detr":
+        overrides |= {"activation": "relu" if bench.cfg.model.activation == "prelu" else bench.cfg.model.activation}
+    cfg = dataclasses.replace(bench.cfg.model, **overrides)
+    ours = bench.student(**overrides).eval()
+    names = DatasetInfo(list(range(bench.num_classes)), [f"class_{i}" for i in range(bench.num_classes)])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf(tmp, cfg, {k: v.cpu() for k, v in ours.state_dict().items()}, names)
+        model_type = "dab-detr" if arch == "dab_detr" else "deformable_detr"
+        hf_class = getattr(transformers, HF_DETECTORS[model_type].architecture)
+        hf = hf_class.from_pretrained(tmp).to(bench.device).eval()
+    with torch.inference_mode():
+        out = ours(bench.images)
+        ref = hf(pixel_values=bench.images.tensors, pixel_mask=(~bench.images.mask).long())
+    diff = max((out.pred_logits - ref.logits).abs().max().item(), (out.pred_boxes - ref.pred_boxes).abs().max().item())
+    return ours, hf, diff
+
+
+def inference_table(bench: Bench) -> str:
+    """Images per second: the distilled student (trained with KD for a few steps) vs the plain one and the teacher."""
+    plain, distilled = bench.student(), bench.student()
+    distiller = bench.distiller(distilled)
+    kd_step = bench.train_step(distilled, kd_loss(bench, distiller))
+    for _ in range(2):
+        kd_step()
+    teacher = load_checkpoint(bench.teacher_path).model.to(bench.device)  # as trained, not widened for the points
+    models = {"plain student": plain.eval(), "distilled student": distilled.eval(), "teacher": teacher}
+
+    def infer(model: nn.Module) -> Step:
+        def run() -> None:
+            with torch.inference_mode(), bench.autocast():
+                model(bench.images)
+        return run
+
+    t = bench.times({name: infer(model) for name, model in models.items()})
+    batch = bench.images.batch_size
+    rows = [(name, batch / t[name], t["plain student"] / t[name]) for name in models]
+    return markdown(f"inference: images/s, batch {batch}", ["model", "images/s", "ratio to plain student"], rows)
+
+
+def _peak_step(bench: Bench, kind: str) -> Step:
+    student = bench.student()
+    if kind == "train":
+        return bench.train_step(student, detection_loss(bench, student))
+    if kind == "KD":
+        distiller = bench.distiller(student)
+        return bench.train_step(student, kd_loss(bench, distiller))
+    student.eval()
+
+    def run() -> None:
+        with torch.inference_mode(), bench.autocast():
+            student(bench.images)
+    return run
+
+
+MEMORY_KINDS = ("train", "KD", "inference")
+
+
+def memory_probe(args: argparse.Namespace, kind: str) -> tuple[float, float]:
+    """(before, peak) MiB of a `kind` step: CPU resident set (peak reset after the setup), CUDA allocated."""
+    bench = setup(args)
+    step = _peak_step(bench, kind)
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+        step()
+        torch.cuda.synchronize()
+        return base, torch.cuda.max_memory_allocated() / 2**20
+    gc.collect()
+    base = _reset_peak_rss()
+    step()
+    step()  # the optimiser state appears in the first step; the second shows the steady peak
+    return base, _peak_rss()
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> float:
+    """The resident set now, MiB, with the peak reset to it (Linux); elsewhere the lifetime peak so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mib("VmRSS")
+    except OSError:
+        return _peak_rss()
+
+
+def _peak_rss() -> float:
+    try:
+        return _status_mib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def memory_table(bench: Bench, args: argparse.Namespace) -> str:
+    """Each step in a fresh process on CPU (peak RSS never goes down), in this one on CUDA (peak allocated)."""
+    fresh = bench.device.type == "cpu" and not bench.quick
+    if fresh:
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            results = {k: pool.apply(memory_probe, (args, k)) for k in MEMORY_KINDS}
+    else:
+        results = {k: memory_probe(args, k) for k in MEMORY_KINDS}
+    what = "peak allocated" if bench.device.type == "cuda" else "peak RSS, each in a fresh process" if fresh else \
+        "peak RSS"
+    rows = [(k, peak, peak - base, peak / results["train"][1]) for k, (base, peak) in results.items()]
+    return markdown(f"memory: {what}, MiB, batch {bench.images.batch_size}",
+                    ["step", "peak", "peak - before the step", "peak / train peak"], rows)
+
+
+def scaling_tables(bench: Bench) -> str:
+    """KD step time vs the number of general points, and KD overhead vs image size."""
+    counts = (0, 4, 8) if bench.quick else (0, 100, 300, 900)
+    student = bench.student()
+    fns = {}
+    for n in counts:
+        distiller = bench.distiller(student, general_points=n, specific_points=False)
+        fns[n] = bench.train_step(student, kd_loss(bench, distiller))
+    t = bench.times({str(n): fn for n, fn in fns.items()})
+    det = bench.cfg.model.num_queries
+    rows = [(n, t[str(n)], t[str(n)] / t["0"], (det + n) / det,
+             (t[str(n)] - t["0"]) / n * 100 if n else "–") for n in counts]
+    by_points = markdown(f"scaling: KD step vs general points (no specific), isolation "
+                         f"{bench.cfg.model.group_isolation}, {det} detection queries",
+                         ["points", "KD step s", "ratio to 0 points", "student decoder queries ratio",
+                          "s per 100 points"], rows)
+    sizes = (64, 96) if bench.quick else (96, 128, 192, 256)
+    rows = []
+    original = bench.images
+    for size in sizes:
+        bench.images = resized(original, size)
+        distiller = bench.distiller(student)
+        t = bench.times({"student": bench.train_step(student, detection_loss(bench, student)),
+                         "teacher": teacher_forward(bench),
+                         "KD": bench.train_step(student, kd_loss(bench, distiller))})
+        rows.append((size, t["student"], t["teacher"], t["KD"], t["KD"] / (t["student"] + t["teacher"])))
+    bench.images = original
+    by_size = markdown(f"scaling: image size, {distiller_points(distiller)}",
+                       ["size px", "student step s", "teacher forward s", "KD step s", "KD overhead"], rows)
+    return by_points + "\n\n" + by_size
+
+
+def resized(images: ImageBatch, size: int) -> ImageBatch:
+    tensors = F.interpolate(images.tensors, size=(size, size), mode="bilinear", align_corners=False)
+    return ImageBatch(tensors, torch.zeros(tensors.shape[0], size, size, dtype=torch.bool, device=tensors.device))
+
+
+# ---- setup -----------------------------------------------------------------------------------------------
+def teacher_with_queries(path: Path, num_queries: int, device: torch.device) -> nn.Module:
+    """The teacher checkpoint; with `num_queries` other than its own, the same weights and more (random) queries.
+
+    The speed of a 300-query teacher does not depend on what its extra anchors learned.
+    """
+    ckpt = load_checkpoint(path)
+    if num_queries in (0, ckpt.model.num_queries):
+        return ckpt.model.to(device)
+    torch.manual_seed(0)
+    model = build_detector(dataclasses.replace(ckpt.config.model, num_queries=num_queries), ckpt.dataset.num_classes)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in ckpt.model.state_dict().items() if v.shape == own[k].shape}, strict=False)
+    return model.to(device).eval()
+
+
+def setup(args: argparse.Namespace) -> Bench:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    amp = None
+    if args.amp:
+        amp = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    overrides = [f"kd.general_points={args.general_points}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    dataset = build_dataset(args.data, cfg.data.train_split, cfg.data, train=False)
+    if len(dataset) < args.batch_size:
+        raise UserError(f"{args.data}: {len(dataset)} images, fewer than --batch-size {args.batch_size}")
+    images, targets = collate([dataset[i] for i in range(args.batch_size)])
+    images = images.to(device)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    teacher = teacher_with_queries(args.teacher, args.specific_points, device)
+    quick = args.quick
+    return Bench(cfg, device, amp, images, targets, dataset.num_classes, teacher, args.teacher,
+                 repeats=args.repeats if args.repeats is not None else (1 if quick else 10),
+                 warmup=0 if quick else 2, quick=quick, compile=args.compile, channels_last=args.channels_last)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kddetr bench speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=Path("configs/embedded_student.yaml"))
     p.add_argument("--teacher", type=Path, default=Path("assets/teacher"))
     p.add_argument("--data", type=Path, default=Path("data/embedded"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + grad scaling on GPUs without bf16)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-    print(kd_overhead(args.config, args.teacher, args.data, args.batch_size, args.repeats, args.overrides))
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per table (default 10, --quick 1)")
+    p.add_argument("--general-points", type=int, default=300)
+    p.add_argument("--specific-points", type=int, default=300,
+                   help="teacher queries (its learned ones, more at random if it has fewer); 0: the teacher's own")
+    p.add_argument("--only", choices=TABLES, action="append", help="tables to print (repeatable; default all)")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd KD step")
+    p.add_argument("--channels-last", action="store_true", help="also time a KD step with model.channels_last flipped")
+    p.add_argument("--quick", action="store_true", help="one round, small point counts and sizes (for tests)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    return p
+
+
+def run(args: argparse.Namespace) -> Iterator[str]:
+    bench = setup(args)
+    threads = torch.get_num_threads() if bench.device.type == "cpu" else torch.cuda.get_device_name(bench.device)
+    clock = "process CPU time" if cpu_clock(bench.device) else "wall-clock time"
+    yield (f"device {bench.device} ({threads} threads)" if bench.device.type == "cpu" else f"device {threads}") + \
+        f", amp {bench.amp}, batch {bench.images.batch_size} at {tuple(bench.images.tensors.shape[-2:])} px, " \
+        f"median {clock} of {bench.repeats} interleaved rounds"
+    tables = {"kd": kd_table, "hf": hf_table, "inference": inference_table,
+              "memory": lambda b: memory_table(b, args), "scaling": scaling_tables}
+    for name in args.only or TABLES:
+        yield tables[name](bench)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    for text in run(args):
+        print(text + "\n", flush=True)
     return 0

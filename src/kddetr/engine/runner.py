@@ -42,6 +42,8 @@ def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teac
 
     ckpt = load_checkpoint(teacher, device)
     _check_categories(str(teacher), ckpt.dataset.category_ids, category_ids)
+    if cfg.kd.method == "hungarian" and not hasattr(criterion, "matcher"):
+        raise UserError(f"kd.method: hungarian needs a set-prediction (DETR) student, not {cfg.model.arch}")
     baseline = HungarianKD(criterion.matcher, cfg.kd.temperature) if cfg.kd.method == "hungarian" else None
     autocast = torch.bfloat16 if cfg.train.amp else None
     return Distiller(student, ckpt.model, criterion, cfg.kd, teacher_autocast=autocast, baseline=baseline)
@@ -83,7 +85,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, out: Optio
         dataset = build_dataset(Path(data_dir), split, ckpt.config.data, train=False)
         _check_categories(str(checkpoint), ckpt.dataset.category_ids, dataset.category_ids)
         sampler = DistributedSampler(dataset, shuffle=False) if dist.world_size() > 1 else None
-        loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers, sampler)
+        loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers, sampler, torch_device)
         metrics, results = evaluate(ckpt.model, loader, dataset, torch_device,
                                     progress=progress and dist.is_main_process())
         if not dist.is_main_process():

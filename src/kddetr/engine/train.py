@@ -78,10 +78,36 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 
 def make_loader(dataset: CocoDetection, batch_size: int, train: bool, num_workers: int,
-                sampler: Optional[DistributedSampler] = None) -> DataLoader:
+                sampler: Optional[DistributedSampler] = None, device: Optional[torch.device] = None) -> DataLoader:
+    """Batches in `num_workers` processes (kept alive between epochs), pinned when they go to a GPU."""
+    pin = torch.cuda.is_available() if device is None else device.type == "cuda"
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, drop_last=train, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      num_workers=num_workers, drop_last=train, pin_memory=pin, persistent_workers=num_workers > 0)
+
+
+class NonFiniteWatch:
+    """The first step whose loss was non-finite and its terms, recorded on the device: no host sync per step."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.step: Optional[Tensor] = None  # -1 while every loss was finite
+        self.bad: Optional[Tensor] = None  # which of `keys` were non-finite at `step`
+
+    def update(self, losses: LossDict, total: Tensor, step: int) -> None:
+        keys = [*losses, "total"]
+        finite = torch.stack([torch.isfinite(v).all() for v in [*losses.values(), total]])
+        if self.step is None or keys != self.keys:  # the loss terms of a run do not change; be safe if they do
+            self.keys, self.step, self.bad = keys, torch.full((), -1, device=total.device), torch.zeros_like(finite)
+        first = ~finite.all() & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.bad = torch.where(first, ~finite, self.bad)
+
+    def first(self, device: torch.device) -> Optional[tuple[int, list[str]]]:
+        """(step, non-finite terms) of the first bad step on any process (terms empty: another process), or None."""
+        if self.step is None or not dist.any_rank(self.step >= 0, device):
+            return None
+        step = int(self.step)
+        return step, [k for k, b in zip(self.keys, self.bad.tolist()) if b]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -138,7 +164,7 @@ class Trainer:
         tc = cfg.train
         self.sampler = DistributedSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank(),
                                           shuffle=True, seed=tc.seed, drop_last=True)
-        self.loader = make_loader(train_set, tc.batch_size, True, cfg.data.num_workers, self.sampler)
+        self.loader = make_loader(train_set, tc.batch_size, True, cfg.data.num_workers, self.sampler, device)
         if len(self.loader) == 0:
             raise UserError(f"{train_set.ann_file}: {len(train_set)} training images are fewer than one "
                             f"batch of {tc.batch_size} per process; lower train.batch_size")
@@ -149,11 +175,18 @@ class Trainer:
                                            and not torch.cuda.is_bf16_supported())
         self.epoch = self.step = 0
         self.best_ap = -1.0
+        self.time_s = 0.0  # training wall time so far, summed over resumed invocations
         self.writer = None
+        # Non-finite losses: checked every step on the CPU (free) and to skip batches (needs a per-step decision);
+        # on GPUs that stop, recorded on the device and checked every `log_every` steps and at each epoch's end.
+        lazy = tc.on_nonfinite == "stop" and (device.type != "cpu" or tc.nonfinite_check_every > 1)
+        self.check_every = (tc.nonfinite_check_every or tc.log_every) if lazy else 1
+        self.watch = NonFiniteWatch()
+        self.forward = torch.compile(objective) if tc.compile else objective
 
     # ---- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
+        return {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "time_s": self.time_s,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": _rng_state(),
                 "objective": self.objective.extra_state()}
@@ -169,6 +202,7 @@ class Trainer:
             _set_rng_state(state["rng"])
             self.objective.load_extra_state(state["objective"])
             self.epoch, self.step, self.best_ap = state["epoch"], state["step"], state["best_ap"]
+            self.time_s = float(state.get("time_s", 0.0))  # absent in checkpoints written before it was kept
         except (KeyError, ValueError, TypeError, RuntimeError) as e:  # another layout, or a changed config
             raise UserError(f"{last / STATE_FILE}: does not fit this run ({type(e).__name__}: {e})") from None
         if dist.is_main_process():
@@ -192,9 +226,13 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
         with _autocast(self.device, tc.amp):
-            outputs, losses = self.objective(images, targets)
+            outputs, losses = self.forward(images, targets)
         total = sum(losses.values())
-        if not dist.all_ranks(torch.isfinite(total), self.device):
+        if self.check_every > 1:
+            self.watch.update(losses, total, self.step)
+            if (self.step + 1) % self.check_every == 0:
+                self.raise_if_nonfinite()
+        elif not dist.all_ranks(torch.isfinite(total), self.device):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
             where = ", ".join(bad) or ("total" if not torch.isfinite(total) else "on another process")
             msg = f"non-finite loss at step {self.step} (epoch {self.epoch}): {where}"
@@ -215,11 +253,20 @@ class Trainer:
         losses["loss"] = total.detach()
         return losses, outputs
 
+    def raise_if_nonfinite(self) -> None:
+        """Stop if a step since the last check had a non-finite loss (`check_every` > 1; else checked in the step)."""
+        found = self.watch.first(self.device)
+        if found is not None:
+            step, terms = found
+            where = f"at step {step} (epoch {self.epoch}): {', '.join(terms)}" if terms else "on another process"
+            raise NonFiniteLossError(f"non-finite loss {where}; the last good checkpoint is in {self.paths.last}")
+
     def evaluate(self) -> dict[str, float]:
         if self.val_set is None:
             return {}
         sampler = DistributedSampler(self.val_set, shuffle=False) if dist.world_size() > 1 else None
-        loader = make_loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.data.num_workers, sampler)
+        loader = make_loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.data.num_workers, sampler,
+                             self.device)
         metrics, _ = evaluate(self.student, loader, self.val_set, self.device, progress=self.progress)
         return metrics
 
@@ -245,7 +292,7 @@ class Trainer:
             save_config(self.cfg, self.paths.root / "config.yaml")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.paths.root / "tb"), purge_step=self.step or None)
-        start, last_metrics = time.time(), {}
+        start, last_metrics, time_before = time.time(), {}, self.time_s
         stop = False
         while self.epoch < tc.epochs and not stop:
             self.sampler.set_epoch(self.epoch)
@@ -256,7 +303,12 @@ class Trainer:
             bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{tc.epochs}", disable=not self.progress,
                        leave=False, dynamic_ncols=True)
             for images, targets in bar:
-                result = self.train_step(images, targets)
+                try:
+                    result = self.train_step(images, targets)
+                except Exception:
+                    if self.check_every > 1:  # weights made NaN by an unchecked step fail elsewhere (the matcher)
+                        self.raise_if_nonfinite()
+                    raise
                 self.step += 1
                 if result is not None:
                     losses, outputs = result
@@ -274,9 +326,12 @@ class Trainer:
                         (tc.max_minutes and dist.any_rank(time.time() - start > tc.max_minutes * 60, self.device)):
                     stop = True
                     break
+            if self.check_every > 1:
+                self.raise_if_nonfinite()  # before this epoch's checkpoint is written
             self.epoch += 1
             epoch_time = time.time() - epoch_start
-            record = {"epoch": self.epoch, "step": self.step, "time_s": round(time.time() - start, 2),
+            self.time_s = time_before + time.time() - start
+            record = {"epoch": self.epoch, "step": self.step, "time_s": round(self.time_s, 2),
                       "s_per_step": round(epoch_time / max(1, count), 4), "lr": self.optimizer.param_groups[0]["lr"]}
             record |= {f"train/{k}": v for k, v in _epoch_means(sums, count).items()}
             last_epoch = self.epoch >= tc.epochs or stop

@@ -16,10 +16,22 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
         from kddetr.models.deformable_detr import DeformableDETR
 
         return DeformableDETR(cfg, num_classes)
+    if cfg.arch == "dino":
+        from kddetr.models.dino import DINO
+
+        return DINO(cfg, num_classes)
+    if cfg.arch == "faster_rcnn":
+        from kddetr.models.faster_rcnn import FasterRCNN
+
+        return FasterRCNN(cfg, num_classes)
     raise UserError(f"model.arch: unknown architecture {cfg.arch!r}")
 
 
 def build_criterion(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    if cfg.arch == "faster_rcnn":  # torchvision's losses, computed in the detector's forward
+        from kddetr.models.faster_rcnn import RCNNCriterion
+
+        return RCNNCriterion()
     from kddetr.models.criterion import build_criterion as build
 
     return build(cfg, num_classes)

@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 from kddetr.config import ModelConfig
 from kddetr.models.backbone import Backbone
-from kddetr.models.denoising import DenoisingGenerator, DenoisingGroups, denoising_attn_mask
-from kddetr.models.layers import MLP, inverse_sigmoid
+from kddetr.models.denoising import DenoisingGenerator, DenoisingGroups, decode_with_denoising
+from kddetr.models.layers import MLP, conv_layout, inverse_sigmoid
 from kddetr.models.position import PositionEmbeddingSine
 from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.query_groups import decode_groups
 from kddetr.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
 
 
@@ -26,19 +27,14 @@ class EncoderMemory:
     pos: Tensor  # [B, S, D]
 
 
-def block_diagonal_mask(sizes: Sequence[int], device: torch.device | str | None = None) -> Tensor:
-    """`[N, N]` boolean self-attention mask, True = blocked, that keeps query groups of `sizes` apart."""
-    allowed = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=device) for n in sizes])
-    return ~allowed
-
-
 class DABDETR(nn.Module):
     """Backbone, DAB encoder/decoder, a sigmoid class head and one box head shared by all decoder layers.
 
     Implements the detector protocol (`models/protocol.py`). Decoder queries are anchors `[B, Q, 4]`
     (cx, cy, w, h in [0, 1]) with a content part (zeros unless given or `num_patterns` > 0). Extra
     query groups never see the detection queries nor each other (`group_isolation`: one decoder pass
-    per group, or one pass under a block-diagonal self-attention mask). In training, with
+    per group, one pass under a block-diagonal self-attention mask, or groups stacked along the batch;
+    see `query_groups.py`). In training, with
     `denoising.enabled` and targets, DN-DETR denoising groups are decoded beside the detection queries.
     """
 
@@ -51,6 +47,7 @@ class DABDETR(nn.Module):
         self.hidden_dim = dim
         self.random_refpoints_xy = cfg.random_refpoints_xy
         self.group_isolation = cfg.group_isolation
+        self.channels_last = cfg.channels_last
 
         self.backbone = Backbone.from_config(cfg.backbone)
         self.position = PositionEmbeddingSine(dim // 2, cfg.temperature, cfg.temperature)
@@ -96,7 +93,7 @@ class DABDETR(nn.Module):
         return Queries(anchors.unsqueeze(0).expand(batch_size, -1, -1), content)
 
     def encode(self, images: ImageBatch) -> EncoderMemory:
-        features, mask = self.backbone(images.tensors, images.mask)
+        features, mask = self.backbone(conv_layout(images.tensors, self.channels_last), images.mask)
         src = self.input_proj(features).flatten(2).transpose(1, 2)
         pos = self.position(mask).flatten(2).transpose(1, 2).to(src.dtype)
         mask = mask.flatten(1)
@@ -136,25 +133,14 @@ class DABDETR(nn.Module):
 
     def decode_groups(self, memory: EncoderMemory, groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
         """Decode query groups isolated from each other, one output per group."""
-        if self.group_isolation == "separate" or len(groups) == 1:
-            return [self.decode(memory, group) for group in groups]
-        contents, anchors = zip(*(self._inputs(memory, group) for group in groups))
-        sizes = [a.shape[1] for a in anchors]
-        mask = block_diagonal_mask(sizes, memory.memory.device)
-        return _split(self._decode(torch.cat(contents, dim=1), torch.cat(anchors, dim=1), memory, mask), sizes)
+        return decode_groups([self._inputs(memory, group) for group in groups], memory, self._decode,
+                             self.group_isolation)
 
     def decode_with_denoising(self, memory: EncoderMemory, denoising: DenoisingGroups,
                               groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
-        """`[denoising, *groups]` outputs: the denoising groups and `groups[0]` (the detection queries) in one pass
-        under the DN-DETR mask, the other groups in that pass too under `group_isolation="mask"`, else one pass each.
-        """
-        joint = list(groups) if self.group_isolation == "mask" else list(groups[:1])
-        contents, anchors = zip(*(self._inputs(memory, group) for group in [denoising.queries, *joint]))
-        sizes = [a.shape[1] for a in anchors]
-        mask = denoising_attn_mask(denoising.valid, denoising.num_groups, sizes[1:])
-        outputs = _split(self._decode(torch.cat(contents, dim=1), torch.cat(anchors, dim=1), memory, mask), sizes)
-        rest = groups[len(joint):]
-        return outputs + (self.decode_groups(memory, rest) if rest else [])
+        """`[denoising, *groups]` outputs, the denoising groups beside the detection queries under the DN-DETR mask."""
+        inputs = [self._inputs(memory, group) for group in [denoising.queries, *groups]]
+        return decode_with_denoising(inputs, denoising, memory, self._decode, self.group_isolation)
 
     def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
@@ -168,9 +154,3 @@ class DABDETR(nn.Module):
         noised, detections, *extra = self.decode_with_denoising(memory, denoising, groups)
         return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
                               denoising_meta=denoising.meta, encoder_memory=memory.memory)
-
-
-def _split(out: DecoderOutput, sizes: Sequence[int]) -> list[DecoderOutput]:
-    """One output per group of `sizes` consecutive queries."""
-    return [DecoderOutput(logits, boxes) for logits, boxes in zip(out.logits.split(sizes, dim=2),
-                                                                  out.boxes.split(sizes, dim=2))]

@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from kddetr.config import ModelConfig
 from kddetr.errors import UserError
 from kddetr.models.backbone import Backbone
-from kddetr.models.dab_detr import block_diagonal_mask
-from kddetr.models.layers import MLP, inverse_sigmoid, residual
+from kddetr.models.layers import MLP, conv_layout, inverse_sigmoid, residual
 from kddetr.models.ms_deform_attn import MSDeformAttn, Shapes
 from kddetr.models.position import sine_features
 from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.query_groups import decode_groups
 from kddetr.models.transformer import FeedForward
 
 NOMINAL_SIZE = 0.1  # w = h of the anchors that stand for one-stage queries, which have only a centre
@@ -30,7 +30,8 @@ class DeformableMemory:
     mask: Tensor  # [B, S], True = padding
     shapes: list[tuple[int, int]]  # (h, w) per level
     valid_ratios: Tensor  # [B, L, 2]: (w, h) fraction of each level covered by the image
-    proposals: Optional[DecoderOutput] = None  # two-stage: every cell's proposal, [1, B, S, C] and [1, B, S, 4]
+    # two-stage: the proposals the encoder loss trains, [1, B, N, C] and [1, B, N, 4] (every cell; DINO: the selected)
+    proposals: Optional[DecoderOutput] = None
     selected: Optional[Tensor] = None  # two-stage: the top `num_queries` proposal boxes [B, K, 4], detached
 
 
@@ -122,7 +123,8 @@ class DeformableDETR(nn.Module):
     - two-stage (needs `box_refine`): every encoder cell proposes a box; the top `num_queries` by the
       first class's score become 4-D reference boxes, and positional part and content both come from a
       projection of the boxes' sine embedding. `learned_queries(batch_size, memory)` returns these per-image
-      boxes (the specific distillation points).
+      boxes (the specific distillation points). Every cell's proposal goes out as `encoder_proposals` with
+      its first-class score, which the criterion trains class-agnostically (`enc_` terms), as the reference.
     With `box_refine` every decoder layer has its own heads and refines the (detached) reference boxes;
     otherwise the heads are shared and the reference points stay fixed.
 
@@ -148,7 +150,9 @@ class DeformableDETR(nn.Module):
         self.num_queries = cfg.num_queries
         self.hidden_dim = dim
         self.box_refine, self.two_stage = cfg.box_refine, cfg.two_stage
+        self.look_forward_twice = False  # DINO: a layer's box refines the previous layer's undetached box
         self.group_isolation = cfg.group_isolation
+        self.channels_last = cfg.channels_last
 
         self.backbone = Backbone.from_config(cfg.backbone)
         self.num_backbone_levels = min(levels, 3, len(self.backbone.stage_channels))
@@ -166,19 +170,28 @@ class DeformableDETR(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.decoder_layers))
         if cfg.two_stage:
             self.enc_output, self.enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
-            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * dim, 2 * dim), nn.LayerNorm(2 * dim)
-        else:
-            self.query_embed = nn.Embedding(cfg.num_queries, 2 * dim)
-            self.reference_points = nn.Linear(dim, 2)
+        self._build_queries(cfg)
         num_heads = cfg.decoder_layers + cfg.two_stage if cfg.box_refine else 1  # two-stage: the last scores proposals
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads))
         self._reset_parameters()
 
+    def _build_queries(self, cfg: ModelConfig) -> None:
+        """The modules that make decoder queries: from proposals (two-stage) or learned embeddings."""
+        dim = cfg.hidden_dim
+        if cfg.two_stage:
+            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * dim, 2 * dim), nn.LayerNorm(2 * dim)
+        else:
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * dim)
+            self.reference_points = nn.Linear(dim, 2)
+
+    def _xavier_modules(self) -> list[nn.Module]:
+        """The modules initialised with Xavier, as the reference does."""
+        return [self.encoder, self.decoder] + ([self.enc_output, self.pos_trans] if self.two_stage
+                                               else [self.reference_points])
+
     def _reset_parameters(self) -> None:
-        transformer = [self.encoder, self.decoder] + ([self.enc_output, self.pos_trans] if self.two_stage
-                                                      else [self.reference_points])
-        for p in nn.ModuleList(transformer).parameters():
+        for p in nn.ModuleList(self._xavier_modules()).parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         for module in self.modules():
@@ -204,7 +217,8 @@ class DeformableDETR(nn.Module):
         return self.class_embed[i], self.bbox_embed[i]
 
     def encode(self, images: ImageBatch) -> DeformableMemory:
-        features = self.backbone.forward_levels(images.tensors, images.mask, self.num_backbone_levels)
+        features = self.backbone.forward_levels(conv_layout(images.tensors, self.channels_last), images.mask,
+                                                self.num_backbone_levels)
         sources = [proj(f) for proj, (f, _) in zip(self.input_proj, features)]
         masks = [m for _, m in features]
         x = features[-1][0]
@@ -227,7 +241,18 @@ class DeformableDETR(nn.Module):
         return memory
 
     def _proposals(self, memory: DeformableMemory) -> tuple[DecoderOutput, Tensor]:
-        """Two-stage: a box per encoder cell (centred on it, 0.05 * 2^level wide) refined by the last heads."""
+        """Two-stage: every cell's proposal and the top `num_queries` boxes (detached)."""
+        logits, coords, _ = self._proposal_outputs(memory)
+        # The reference ranks by the first class only (a binary foreground score when trained as in its code).
+        top = logits[..., 0].topk(self.num_queries, dim=1).indices
+        selected = coords.gather(1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
+        return DecoderOutput(logits[None], coords.sigmoid()[None]), selected
+
+    def _proposal_outputs(self, memory: DeformableMemory) -> tuple[Tensor, Tensor, Tensor]:
+        """A box per encoder cell (centred on it, 0.05 * 2^level wide) refined by the last heads.
+
+        Returns logits `[B, S, C]`, boxes before the sigmoid `[B, S, 4]` (inf where invalid) and `valid [B, S]`.
+        """
         batch = memory.memory.shape[0]
         boxes = []
         masks = memory.mask.split([h * w for h, w in memory.shapes], 1)
@@ -241,11 +266,7 @@ class DeformableDETR(nn.Module):
         anchors = torch.log(boxes / (1 - boxes)).masked_fill(~valid, float("inf"))
         features = self.enc_output_norm(self.enc_output(memory.memory.masked_fill(~valid, 0.0)))
         class_head, box_head = self._head(self.num_decoder_layers)
-        logits, coords = class_head(features), box_head(features) + anchors
-        # The reference ranks by the first class only (a binary foreground score when trained as in its code).
-        top = logits[..., 0].topk(self.num_queries, dim=1).indices
-        selected = coords.gather(1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
-        return DecoderOutput(logits[None], coords.sigmoid()[None]), selected
+        return class_head(features), box_head(features) + anchors, valid[..., 0]
 
     def learned_queries(self, batch_size: int, memory: Optional[DeformableMemory] = None) -> Queries:
         """The detection queries: per-image proposals (two-stage, needs `memory`) or the learned ones."""
@@ -285,20 +306,28 @@ class DeformableDETR(nn.Module):
             self_attn_mask = self_attn_mask.repeat_interleave(self.decoder[0].self_attn.num_heads, dim=0)
         ratios = memory.valid_ratios[:, None]
         tgt, logits, boxes = content, [], []
+        refined = reference  # the box a layer's delta applies to; look-forward-twice keeps its gradient
         for i, layer in enumerate(self.decoder):
             scale = ratios if reference.shape[-1] == 2 else torch.cat((ratios, ratios), -1)
-            tgt = layer(tgt, pos, reference[:, :, None] * scale, memory, self_attn_mask)
+            scaled = reference[:, :, None] * scale
+            tgt = layer(tgt, self._query_pos(pos, scaled), scaled, memory, self_attn_mask)
             class_head, box_head = self._head(i)
             delta = box_head(tgt)
             if reference.shape[-1] == 4:
-                box = (delta + inverse_sigmoid(reference)).sigmoid()
+                box = (delta + inverse_sigmoid(refined)).sigmoid()
             else:  # a 2-D reference point places the centre only
                 box = torch.cat((delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]), -1).sigmoid()
             logits.append(class_head(tgt))
             boxes.append(box)
             if self.box_refine:
+                # look-forward-twice: the next box builds on this one with gradient to this layer's delta only
+                refined = (delta + inverse_sigmoid(reference)).sigmoid() if self.look_forward_twice else box.detach()
                 reference = box.detach()
         return DecoderOutput(torch.stack(logits), torch.stack(boxes))
+
+    def _query_pos(self, pos: Tensor, reference: Tensor) -> Tensor:
+        """A decoder layer's positional query given its reference `[B, K, L, 2 | 4]`: fixed (DINO: from the box)."""
+        return pos
 
     def decode(self, memory: DeformableMemory, queries: Optional[Queries] = None,
                self_attn_mask: Optional[Tensor] = None) -> DecoderOutput:
@@ -309,18 +338,19 @@ class DeformableDETR(nn.Module):
         return self._decode(*self._inputs(memory, queries), memory, self_attn_mask)
 
     def decode_groups(self, memory: DeformableMemory, groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
-        """Decode query groups isolated from each other: one pass each, or one masked pass (`group_isolation`)."""
-        if self.group_isolation == "separate" or len(groups) == 1:
-            return [self.decode(memory, group) for group in groups]
-        inputs = [self._inputs(memory, group) for group in groups]
-        sizes = [content.shape[1] for content, _, _ in inputs]
-        joint = [torch.cat(parts, dim=1) for parts in zip(*inputs)]
-        out = self._decode(*joint, memory, block_diagonal_mask(sizes, memory.memory.device))
-        return [DecoderOutput(l, b) for l, b in zip(out.logits.split(sizes, 2), out.boxes.split(sizes, 2))]
+        """Decode query groups isolated from each other (`group_isolation`: see `query_groups.decode_groups`)."""
+        return decode_groups([self._inputs(memory, group) for group in groups], memory, self._decode,
+                             self.group_isolation)
 
     def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
         memory = self.encode(images)
         detections, *extra = self.decode_groups(memory, [None, *(extra_queries or [])])
         return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra,
-                              encoder_memory=memory.memory)
+                              encoder_memory=memory.memory, encoder_proposals=self._encoder_proposals(memory))
+
+    def _encoder_proposals(self, memory: DeformableMemory) -> Optional[DecoderOutput]:
+        """What the encoder loss trains: every cell's proposal, class-agnostic (ranked by the first class)."""
+        if memory.proposals is None:
+            return None
+        return DecoderOutput(memory.proposals.logits[..., :1], memory.proposals.boxes)

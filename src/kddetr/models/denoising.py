@@ -1,8 +1,8 @@
-"""DN-DETR denoising queries: noised copies of the ground truth in groups, and the mask that keeps them apart."""
+"""DN-DETR / DINO denoising queries: noised copies of the ground truth in groups, and the mask that keeps them apart."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from kddetr.config import DenoisingConfig
 from kddetr.errors import UserError
-from kddetr.models.protocol import Queries
+from kddetr.models.protocol import DecoderOutput, Queries
+from kddetr.models.query_groups import GroupInputs, decode_groups, split_groups
 
 # Smallest noised width/height. The decoder divides by them; DN-DAB-DETR's logit round trip
 # (inverse_sigmoid, eps 1e-5) bounds them the same way.
@@ -21,16 +22,18 @@ MIN_SIZE = 1e-5
 class DenoisingGroups:
     """`num_groups` groups of `single_pad` queries per image, group-major: query `g * P + j` of image b is a
     noised copy of its target j for j < n_b (the layout `criterion.denoising_indices` expects); the
-    others are padding, False in `valid [B, G * P]`."""
+    others are padding, False in `valid [B, G * P]`. `contrastive` (DINO): the second half of every group
+    holds the negatives, query `g * P + P / 2 + j` a farther-noised copy of target j."""
 
     queries: Queries
     valid: Tensor
     num_groups: int
     single_pad: int
+    contrastive: bool = False
 
     @property
     def meta(self) -> dict[str, Any]:
-        return {"num_groups": self.num_groups, "single_pad": self.single_pad}
+        return {"num_groups": self.num_groups, "single_pad": self.single_pad, "contrastive": self.contrastive}
 
 
 def noise_labels(labels: Tensor, ratio: float, num_classes: int,
@@ -41,14 +44,19 @@ def noise_labels(labels: Tensor, ratio: float, num_classes: int,
     return torch.where(flip, drawn, labels)
 
 
-def noise_boxes(boxes: Tensor, scale: float, generator: Optional[torch.Generator] = None) -> Tensor:
+def noise_boxes(boxes: Tensor, scale: float, generator: Optional[torch.Generator] = None,
+                negative: bool | Tensor = False) -> Tensor:
     """cxcywh boxes with centres moved by up to `scale` * (w/2, h/2) and sizes scaled by [1 - scale, 1 + scale].
 
     Uniform noise as in DN-DETR, then clamped to the image: centres to [0, 1], sizes to [MIN_SIZE, 1].
+    Where `negative` (a bool or a mask broadcastable to `boxes`) holds, each coordinate's noise lies between
+    1x and 2x those bounds instead: DINO's contrastive negatives, close to a target but not on it.
     """
     wh = boxes[..., 2:]
     spread = torch.cat((wh / 2, wh), dim=-1) * scale
     uniform = torch.rand(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype) * 2 - 1
+    uniform = torch.where(torch.as_tensor(negative, device=boxes.device),
+                          torch.where(uniform < 0, -1.0, 1.0) + uniform, uniform)
     noised = boxes + uniform * spread
     return torch.cat((noised[..., :2].clamp(0, 1), noised[..., 2:].clamp(MIN_SIZE, 1)), dim=-1)
 
@@ -99,9 +107,28 @@ class DenoisingGenerator(nn.Module):
         pad, groups = max(sizes, default=0), self.cfg.num_groups
         labels = pad_sequence([t["labels"] for t in targets], batch_first=True).to(device)
         boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=0.5).to(device)
-        labels = noise_labels(labels.repeat(1, groups), self.cfg.label_noise, self.num_classes, generator)
-        boxes = noise_boxes(boxes.repeat(1, groups, 1), self.cfg.box_noise, generator)
+        copies = 2 if self.cfg.contrastive else 1  # positives, then negatives, in every group
+        labels = noise_labels(labels.repeat(1, groups * copies), self.cfg.label_noise, self.num_classes, generator)
+        negative = torch.arange(groups * copies * pad, device=device) // pad % copies == 1
+        boxes = noise_boxes(boxes.repeat(1, groups * copies, 1), self.cfg.box_noise, generator, negative[:, None])
         embedding = self.label_embed(labels)
         content = torch.cat((embedding, embedding.new_ones(*labels.shape, 1)), dim=-1)
         valid = torch.arange(pad, device=device) < torch.tensor(sizes, device=device)[:, None]
-        return DenoisingGroups(Queries(boxes, content), valid.repeat(1, groups), groups, pad)
+        return DenoisingGroups(Queries(boxes, content), valid.repeat(1, groups * copies), groups, copies * pad,
+                               self.cfg.contrastive)
+
+
+def decode_with_denoising(inputs: Sequence[GroupInputs], denoising: DenoisingGroups, memory: Any,
+                          decode: Callable[..., DecoderOutput], mode: str) -> list[DecoderOutput]:
+    """Outputs of `[denoising, *groups]` from their decoder inputs (`inputs[0]`: the denoising queries',
+    `inputs[1]`: the detection queries', as in `query_groups.decode_groups`).
+
+    Denoising and detection queries share one pass under `denoising_attn_mask`; the other groups join that
+    pass when `mode` is "mask", else `query_groups.decode_groups` decodes them on their own.
+    """
+    joint = len(inputs) if mode == "mask" else min(2, len(inputs))
+    sizes = [parts[0].shape[1] for parts in inputs[:joint]]
+    mask = denoising_attn_mask(denoising.valid, denoising.num_groups, sizes[1:])
+    outputs = split_groups(decode(*[torch.cat(parts, 1) for parts in zip(*inputs[:joint])], memory, mask), sizes)
+    rest = inputs[joint:]
+    return outputs + (decode_groups(rest, memory, decode, mode) if rest else [])

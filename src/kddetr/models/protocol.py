@@ -60,6 +60,14 @@ class DetectorOutput(DecoderOutput):
     denoising: Optional[DecoderOutput] = None
     denoising_meta: Optional[dict[str, Any]] = None
     encoder_memory: Optional[Tensor] = None  # [B, S, D], for diagnostics only
+    # Query-selecting detectors (two-stage Deformable DETR, DINO): the encoder's proposals `[1, B, N, C]` and
+    # `[1, B, N, 4]` that the criterion trains with `enc_` terms; a single class column = class-agnostic scores.
+    encoder_proposals: Optional[DecoderOutput] = None
+    # Detectors that compute their own training losses (Faster R-CNN): already weighted terms for the criterion
+    losses: Optional[dict[str, Tensor]] = None
+    # Detectors with their own post-processing (Faster R-CNN's NMS), at inference: one dict per image of
+    # `boxes` xyxy normalised to [0, 1], `scores`, `labels` (0..C-1); evaluation and predict use these as they are
+    detections: Optional[list[dict[str, Tensor]]] = None
 
 
 @runtime_checkable

@@ -1,0 +1,72 @@
+"""`kddetr bench speed --quick` prints every table; the speed options leave the training step's results unchanged."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from kddetr.bench import speed
+from kddetr.config import KDConfig, load_config
+from kddetr.data.synth import generate
+from kddetr.engine.checkpoint import DatasetInfo, save_checkpoint
+from kddetr.kd.distiller import Distiller
+from kddetr.models.build import build_criterion, build_detector
+from kddetr.models.protocol import ImageBatch
+
+TINY = Path(__file__).parent / "fixtures" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    generate(root / "data", num_train=4, num_val=1, size=64, seed=0)
+    cfg = load_config(TINY, ["model.hidden_dim=48"])
+    torch.manual_seed(0)
+    save_checkpoint(root / "teacher", build_detector(cfg.model, 10), cfg,
+                    DatasetInfo(list(range(10)), [f"digit_{i}" for i in range(10)]))
+    return root / "data", root / "teacher"
+
+
+def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
+    data, teacher = tiny_run
+    assert speed.main(["--quick", "--config", str(TINY), "--teacher", str(teacher), "--data", str(data),
+                       "--batch-size", "2", "--general-points", "6", "--specific-points", "12"]) == 0
+    out = capsys.readouterr().out
+    titles = re.findall(r"^### (.+)$", out, flags=re.M)
+    starts = ["KD overhead", "vs HF transformers", "inference", "memory", "scaling: KD step vs general points",
+              "scaling: image size"]
+    assert len(titles) == len(starts) and all(t.startswith(s) for t, s in zip(titles, starts)), titles
+    assert "6 general + 12 specific points" in titles[0]  # the teacher got 12 queries for the specific points
+    kd_rows = dict(re.findall(r"^\| (KD step \(\w+\)|student step|teacher forward) \| [\d.e-]+ \| ([\d.e-]+) \|$",
+                              out, flags=re.M))
+    assert set(kd_rows) == {"student step", "teacher forward", "KD step (separate)", "KD step (mask)",
+                            "KD step (batch)"}
+    assert abs(float(kd_rows["student step"]) + float(kd_rows["teacher forward"]) - 1) < 1e-2  # ratios to their sum
+    hf_rows = re.findall(r"^\| (DAB-DETR|Deformable DETR) \| (train step|inference) \|.*\| ([\d.e-]+) \|$", out,
+                         flags=re.M)
+    if "skipped" not in out:
+        assert len(hf_rows) == 4 and all(float(diff) < 1e-4 for *_, diff in hf_rows)  # same weights, same outputs
+    assert re.search(r"^\| distilled student \| [\d.]+ \| [\d.]+ \|$", out, flags=re.M)
+    assert len(re.findall(r"^\| (train|KD|inference) \| [\d.]+ \|", out, flags=re.M)) == 3
+    assert len(re.findall(r"^\| [048] \| [\d.e-]+ \|", out, flags=re.M)) == 3  # 0, 4 and 8 points
+
+
+def test_teacher_inference_mode_gives_the_same_losses_and_gradients() -> None:
+    cfg = load_config(TINY)
+    images = ImageBatch(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+                        torch.zeros(2, 64, 64, dtype=torch.bool))
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": boxes}] * 2
+    results = []
+    for inference_mode in (False, True):
+        torch.manual_seed(0)
+        teacher, student = build_detector(cfg.model, 5), build_detector(cfg.model, 5)
+        kd = KDConfig(general_points=8, teacher_inference_mode=inference_mode)
+        _, losses = Distiller(student, teacher, build_criterion(cfg.model, 5), kd).train()(images, targets)
+        sum(losses.values()).backward()  # fails if an inference tensor was saved for backward
+        results.append((losses, [p.grad for p in student.parameters()]))
+    (losses, grads), (im_losses, im_grads) = results
+    assert losses.keys() == im_losses.keys() and all(torch.equal(losses[k], im_losses[k]) for k in losses)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, im_grads))
