@@ -1,6 +1,13 @@
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from kddetr.bench.kd_gain import VARIANTS, _final, _slug, table
+import pytest
+
+from kddetr.bench.kd_gain import ARCHS, VARIANTS, _final, _slug, ensure_teacher, main, table
+from kddetr.config import BackboneConfig
 
 
 def test_variant_slugs_are_distinct_paths():
@@ -22,3 +29,57 @@ def test_table_formats_missing_sizes_as_dash():
                {"AP": 40.0, "AP50": 70.0, "AP75": 40.0, "APs": 30.0, "APm": 50.0, "APl": -1.0})
     lines = md.splitlines()
     assert lines[2].startswith("| teacher | 40.0 | 70.0") and lines[3].endswith("| – | 0.250 |")
+
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_each_arch_has_a_teacher_and_a_student_config_with_the_same_kd_block(arch):
+    from kddetr.config import load_config
+    from kddetr.models.build import build_detector, count_parameters
+
+    teacher_path, student_path, shipped = ARCHS[arch]
+    teacher_cfg, student_cfg = load_config(REPO / teacher_path), load_config(REPO / student_path)
+    assert teacher_cfg.model.arch == student_cfg.model.arch == arch
+    assert student_cfg.kd == load_config(REPO / "configs/embedded_student.yaml").kd
+    assert (shipped is not None) == (arch == "dab_detr")
+    no_weights = BackboneConfig("resnet10", num_stages=3)
+    teacher, student = (build_detector(dataclasses.replace(cfg.model, backbone=no_weights), 10)
+                        for cfg in (teacher_cfg, student_cfg))
+    assert count_parameters(student) < 0.7 * count_parameters(teacher)
+
+
+def test_the_teacher_is_trained_first_unless_given(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args, **kwargs):
+        calls.append(args)
+        run = Path(args[args.index("--out") + 1])
+        (run / "last").mkdir(parents=True)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    given = tmp_path / "mine"
+    assert ensure_teacher("dino", given, tmp_path / "data", tmp_path, [], 1) == given
+    assert ensure_teacher("dab_detr", None, tmp_path / "data", tmp_path, [], 1) == Path("assets/teacher")
+    assert calls == []
+    checkpoint = ensure_teacher("deformable_detr", None, tmp_path / "data", tmp_path, ["train.max_steps=2"], 1)
+    assert checkpoint == tmp_path / "teacher" / "last"
+    (args,) = calls
+    assert args[3:5] == ["train", "configs/embedded_deformable_teacher.yaml"] and "train.max_steps=2" in args
+
+
+@pytest.mark.slow
+def test_kd_bench_starts_for_dino(tmp_path, monkeypatch):
+    """A dry run with tiny settings: the DINO teacher is trained, the demo variants run, the table is written."""
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "kddetr", "data", "synth", "--out", str(data), "--train", "8", "--val", "4"],
+                   check=True, stdout=subprocess.DEVNULL)
+    tiny = ["train.max_steps=2", "train.epochs=1", "train.batch_size=4", "model.encoder_layers=1",
+            "model.decoder_layers=1", "kd.general_points=5"]
+    argv = ["--arch", "dino", "--demo", "--data", str(data), "--out", str(tmp_path / "bench"), "--jobs", "1",
+            "--threads", "1"] + [x for item in tiny for x in ("--set", item)]
+    assert main(argv) == 0
+    table_md = (tmp_path / "bench" / "table.md").read_text()
+    assert "| KD-DETR general+specific |" in table_md and (tmp_path / "bench" / "teacher" / "last").is_dir()

@@ -177,3 +177,75 @@ def test_num_boxes_averaged_over_workers(tmp_path):
     # 3 and 1 boxes: every worker divides by their mean, 2
     assert results[0] == pytest.approx(results["local0"] * 3 / 2, rel=1e-6)
     assert results[1] == pytest.approx(results["local1"] * 1 / 2, rel=1e-6)
+
+
+def test_contrastive_denoising_by_hand():
+    G, half, C = 2, 2, 3
+    logits, raw, targets = random_case(2, 2, 4, C, [2, 1], seed=3)
+    dn_logits, dn_raw, _ = random_case(2, 2, G * 2 * half, C, [], seed=4)
+    dn_boxes = dn_raw.sigmoid()
+    meta = {"num_groups": G, "single_pad": 2 * half, "contrastive": True}
+    out = DetectorOutput(logits, raw.sigmoid(), denoising=DecoderOutput(dn_logits, dn_boxes), denoising_meta=meta)
+    losses = criterion(num_classes=C)(out, targets)
+    norm = G * 3
+    for l, suffix in ((0, "_0"), (1, "")):
+        ce = l1 = 0.0
+        for b, t in enumerate(targets):
+            for g in range(G):
+                for j in range(len(t["labels"])):
+                    positive, negative = g * 2 * half + j, g * 2 * half + half + j
+                    ce += sum(focal(dn_logits[l, b, positive, c].item(), float(c == t["labels"][j])) for c in range(C))
+                    ce += sum(focal(dn_logits[l, b, negative, c].item(), 0.0) for c in range(C))  # "no object"
+                    l1 += sum(abs(p - v) for p, v in zip(dn_boxes[l, b, positive].tolist(), t["boxes"][j].tolist()))
+        assert losses["dn_loss_ce" + suffix].item() == pytest.approx(3.0 * ce / norm, rel=1e-5)
+        assert losses["dn_loss_bbox" + suffix].item() == pytest.approx(7.0 * l1 / norm, rel=1e-5)
+
+    # negatives' boxes and padding (image 1: queries 1, 3, 5, 7) count for nothing
+    changed_logits, changed_boxes = dn_logits.detach().clone(), dn_boxes.detach().clone()
+    changed_boxes[:, :, [2, 3, 6, 7]] = 0.9
+    changed_logits[:, 1, [1, 3, 5, 7]] = 9.0
+    out.denoising = DecoderOutput(changed_logits, changed_boxes)
+    again = criterion(num_classes=C)(out, targets)
+    for key in losses:
+        assert again[key].item() == pytest.approx(losses[key].item(), rel=1e-6)
+    out.denoising_meta = {"num_groups": 4, "single_pad": 2, "contrastive": True}  # 2 targets need 4 per group
+    with pytest.raises(ValueError, match="single_pad"):
+        criterion(num_classes=C)(out, targets)
+
+
+@pytest.mark.parametrize("columns", [2, 1])
+def test_encoder_proposals_are_matched_like_a_layer(columns: int):
+    logits, raw, targets = random_case(2, 2, 4, 2, [2, 1], seed=5)
+    enc_logits, enc_raw, _ = random_case(1, 2, 7, columns, [], seed=6)
+    out = DetectorOutput(logits, raw.sigmoid(), encoder_proposals=DecoderOutput(enc_logits, enc_raw.sigmoid()))
+    losses = criterion()(out, targets)
+    plain = criterion()(DetectorOutput(logits, raw.sigmoid()), targets)
+    assert set(losses) == set(plain) | {"enc_loss_ce", "enc_loss_bbox", "enc_loss_giou"}
+    if columns == 1:  # class-agnostic: every target is class 0 of a one-class problem
+        targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+    alone = criterion(num_classes=columns)(DetectorOutput(enc_logits, enc_raw.sigmoid()), targets)
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert losses["enc_" + name].item() == pytest.approx(alone[name].item(), rel=1e-6)
+        assert torch.equal(losses[name], plain[name])
+
+
+def test_encoder_loss_reaches_the_deformable_proposal_head():
+    from kddetr.config import BackboneConfig
+    from kddetr.models.build import build_detector
+    from kddetr.models.protocol import ImageBatch
+
+    cfg = ModelConfig(arch="deformable_detr", backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=32,
+                      num_heads=4, encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=6,
+                      num_feature_levels=2, num_points=2, box_refine=True, two_stage=True)
+    torch.manual_seed(0)
+    model = build_detector(cfg, 3).train()
+    images = ImageBatch(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.2]])}] * 2
+    out = model(images, targets)
+    assert out.encoder_proposals.logits.shape == (1, 2, 8 * 8 + 4 * 4, 1)  # every cell, one foreground score
+    losses = build_criterion(cfg, 3)(out, targets)
+    sum(v for k, v in losses.items() if k.startswith("enc_")).backward()
+    box_out = model.bbox_embed[2].layers[-1]  # zero at init, so the layers before it get no gradient yet
+    for module in (model.enc_output, model.enc_output_norm, model.class_embed[2], box_out, model.encoder):
+        assert all(p.grad is not None and p.grad.any() for p in module.parameters())
+    assert all(p.grad is None for p in model.decoder.parameters())  # the decoder has its own terms

@@ -12,7 +12,7 @@ from kddetr.errors import UserError
 from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.deformable_detr import NOMINAL_SIZE, DeformableDETR
-from kddetr.models.protocol import Detector, ImageBatch, Queries
+from kddetr.models.protocol import Detector, Queries
 
 from . import assert_groups_isolated, extra_groups, image_batch
 

@@ -77,7 +77,7 @@ def test_groups_follow_the_criterion_layout() -> None:
     _, targets = batch()
     groups = generator(targets, torch.Generator().manual_seed(3))
     pad = 3  # the most targets of an image
-    assert groups.meta == {"num_groups": GROUPS, "single_pad": pad} and groups.single_pad == pad
+    assert groups.meta == {"num_groups": GROUPS, "single_pad": pad, "contrastive": False} and groups.single_pad == pad
     assert groups.queries.anchors.shape == (2, GROUPS * pad, 4)
     assert groups.queries.content.shape == (2, GROUPS * pad, DIM)
     indices = denoising_indices([3, 1], GROUPS, pad)
@@ -115,7 +115,8 @@ def test_denoising_does_not_change_the_detection_and_extra_outputs(isolation: st
     with torch.no_grad():
         plain = detector(images, extra_queries=extra_groups())
         noised = detector(images, targets, extra_queries=extra_groups())
-    assert plain.denoising is None and noised.denoising_meta == {"num_groups": GROUPS, "single_pad": 3}
+    assert plain.denoising is None
+    assert noised.denoising_meta == {"num_groups": GROUPS, "single_pad": 3, "contrastive": False}
     assert noised.denoising.logits.shape == (2, 2, GROUPS * 3, CLASSES) and noised.denoising.boxes.shape[2] == 9
     assert_same(noised, plain)
     for a, b in zip(noised.extra, plain.extra, strict=True):
@@ -207,3 +208,37 @@ def test_overfits_two_images() -> None:
         totals.append(total.item())
     assert any(k.startswith("dn_") for k in losses)
     assert sum(totals[-5:]) / 5 < 0.8 * sum(totals[:5]) / 5
+
+
+def test_negative_noise_lies_between_one_and_two_times_the_bounds() -> None:
+    boxes = torch.tensor([[0.5, 0.5, 0.1, 0.2]]).repeat(20000, 1)  # small: no clamping
+    noised = noise_boxes(boxes, 0.4, torch.Generator().manual_seed(0), negative=True)
+    shift, ratio = (noised[:, :2] - boxes[:, :2]).abs() / (boxes[:, 2:] / 2), noised[:, 2:] / boxes[:, 2:]
+    assert shift.min() >= 0.4 - 1e-5 and shift.max() <= 0.8 + 1e-5 and shift.min() < 0.41 and shift.max() > 0.79
+    change = (ratio - 1).abs()
+    assert change.min() >= 0.4 - 1e-5 and change.max() <= 0.8 + 1e-5 and (ratio < 1).any() and (ratio > 1).any()
+    negative = torch.tensor([[False], [True], [False], [True]])
+    mixed = noise_boxes(boxes[:4], 0.4, torch.Generator().manual_seed(0), negative=negative)
+    positive = noise_boxes(boxes[:4], 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed[[0, 2]], positive[[0, 2]]) and not torch.allclose(mixed[[1, 3]], positive[[1, 3]])
+
+
+def test_contrastive_groups_hold_positives_then_negatives() -> None:
+    torch.manual_seed(0)
+    cfg = DenoisingConfig(enabled=True, num_groups=GROUPS, label_noise=0.0, box_noise=0.4, contrastive=True)
+    generator = DenoisingGenerator(cfg, CLASSES, DIM)
+    _, targets = batch()
+    groups = generator(targets, torch.Generator().manual_seed(3))
+    half = 3  # the most targets of an image
+    assert groups.meta == {"num_groups": GROUPS, "single_pad": 2 * half, "contrastive": True}
+    assert groups.queries.anchors.shape == (2, GROUPS * 2 * half, 4) and groups.valid.shape == (2, GROUPS * 2 * half)
+    for b, target in enumerate(targets):
+        n, truth = len(target["labels"]), target["boxes"]
+        for g in range(GROUPS):
+            start = g * 2 * half
+            positives, negatives = (groups.queries.anchors[b, start + o:start + o + n] for o in (0, half))
+            assert ((positives[:, :2] - truth[:, :2]).abs() <= 0.4 * truth[:, 2:] / 2 + 1e-6).all()
+            assert ((negatives[:, :2] - truth[:, :2]).abs() >= 0.4 * truth[:, 2:] / 2 - 1e-6).all()
+            assert groups.valid[b, start:start + 2 * half].tolist() == ([True] * n + [False] * (half - n)) * 2
+            torch.testing.assert_close(groups.queries.content[b, start:start + n],
+                                       groups.queries.content[b, start + half:start + half + n])  # same labels

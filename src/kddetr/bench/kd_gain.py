@@ -1,4 +1,4 @@
-"""KD gain benchmark: no-KD student, Hungarian KD and KD-DETR ablations on the same schedule and seed."""
+"""KD gain benchmark: no-KD student, Hungarian KD and KD-DETR ablations on the same schedule and seed, per detector."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "KD-DETR general+specific": ("distill", []),
 }
 DEMO_VARIANTS = ("student (no KD)", "KD-DETR general+specific")
+# arch -> (teacher config, student config, trained teacher checkpoint or None: trained first into OUT/teacher)
+ARCHS: dict[str, tuple[Path, Path, Optional[Path]]] = {
+    "dab_detr": (Path("configs/embedded_teacher.yaml"), Path("configs/embedded_student.yaml"), Path("assets/teacher")),
+    "deformable_detr": (Path("configs/embedded_deformable_teacher.yaml"),
+                        Path("configs/embedded_deformable_student.yaml"), None),
+    "dino": (Path("configs/embedded_dino_teacher.yaml"), Path("configs/embedded_dino_student.yaml"), None),
+}
 
 
 def _slug(name: str) -> str:
@@ -30,7 +37,13 @@ def _slug(name: str) -> str:
 def run_variant(name: str, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
                 threads: int) -> Path:
     command, extra = VARIANTS[name]
-    run = out / _slug(name)
+    return _run(command, _slug(name), config, data, out, [*overrides, *extra], threads, teacher)
+
+
+def _run(command: str, slug: str, config: Path, data: Path, out: Path, overrides: Sequence[str], threads: int,
+         teacher: Optional[Path] = None) -> Path:
+    """`kddetr train|distill` into `out/slug` (resumed if started, reused if finished); returns the run dir."""
+    run = out / slug
     if (run / "metrics.jsonl").is_file() and (run / "last").is_dir() and _final(run).get("AP") is not None:
         return run  # reuse a finished run
     args = [sys.executable, "-m", "kddetr", command, str(config), "--data", str(data), "--out", str(run),
@@ -39,13 +52,24 @@ def run_variant(name: str, config: Path, teacher: Path, data: Path, out: Path, o
         args += ["--teacher", str(teacher)]
     if (run / "last").is_dir():
         args.append("--resume")
-    for item in [*overrides, *extra]:
+    for item in overrides:
         args += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     print("$ " + " ".join(args[1:]).replace(sys.executable, "python"), flush=True)
-    with open(out / f"{_slug(name)}.log", "w") as log:
+    with open(out / f"{slug}.log", "w") as log:
         subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     return run
+
+
+def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, overrides: Sequence[str],
+                   threads: int) -> Path:
+    """The teacher checkpoint: `teacher` if given, the arch's shipped one, else trained from its config into
+    `out/teacher` (best checkpoint, or last when it never evaluated better)."""
+    config, _, shipped = ARCHS[arch]
+    if teacher is not None or shipped is not None:
+        return teacher or shipped  # type: ignore[return-value]
+    run = _run("train", "teacher", config, data, out, overrides, threads)
+    return run / "best" if (run / "best").is_dir() else run / "last"
 
 
 def _final(run: Path) -> dict:
@@ -97,22 +121,29 @@ def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="kddetr bench kd", description=__doc__)
+    p.add_argument("--arch", choices=list(ARCHS), default="dab_detr",
+                   help="detector of teacher and student: its configs/embedded_*.yaml pair")
     p.add_argument("--data", type=Path, default=Path("data/embedded"))
-    p.add_argument("--teacher", type=Path, default=Path("assets/teacher"))
-    p.add_argument("--config", type=Path, default=Path("configs/embedded_student.yaml"))
-    p.add_argument("--out", type=Path, default=Path("runs/bench_kd"))
+    p.add_argument("--teacher", type=Path, help="teacher checkpoint (default: assets/teacher for dab_detr, "
+                                                 "else trained from the arch's teacher config into OUT/teacher)")
+    p.add_argument("--config", type=Path, help="student config (default: the arch's)")
+    p.add_argument("--out", type=Path, help="default: runs/bench_kd (dab_detr), runs/bench_kd_ARCH")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--demo", action="store_true", help="only the no-KD student and KD-DETR")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each gets threads/jobs threads)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="config override for every run (a teacher trained here included)")
     args = p.parse_args(argv)
     variants = list(DEMO_VARIANTS) if args.demo else args.variants
+    config = args.config or ARCHS[args.arch][1]
+    args.out = args.out or Path("runs/bench_kd" if args.arch == "dab_detr" else f"runs/bench_kd_{args.arch}")
     args.out.mkdir(parents=True, exist_ok=True)
     threads = max(1, args.threads // args.jobs)
     start = time.time()
+    args.teacher = ensure_teacher(args.arch, args.teacher, args.data, args.out, args.overrides, args.threads)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(lambda n: run_variant(n, args.config, args.teacher, args.data, args.out,
+        runs = list(pool.map(lambda n: run_variant(n, config, args.teacher, args.data, args.out,
                                                    args.overrides, threads), variants))
     rows = [(name, _final(run), _steps_time(run)) for name, run in zip(variants, runs)]
     teacher_file = args.out / "teacher_metrics.json"

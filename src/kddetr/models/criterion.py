@@ -1,5 +1,7 @@
-"""Set-prediction loss: focal classification, L1 and GIoU on Hungarian-matched pairs, plus denoising terms."""
+"""Set-prediction loss: focal class, L1 and GIoU terms on Hungarian-matched pairs, plus denoising and encoder terms."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,13 +39,19 @@ class SetCriterion(nn.Module):
     """DAB-DETR detection loss over every decoder layer; returns already weighted terms.
 
     Keys: `loss_ce`, `loss_bbox`, `loss_giou` (last layer), the same with `_{l}` for auxiliary layers
-    l = 0..L-2 when `aux_loss`, and `dn_`-prefixed copies for denoising groups.
+    l = 0..L-2 when `aux_loss`, `dn_`-prefixed copies for denoising groups and `enc_`-prefixed ones for the
+    encoder proposals of query-selecting detectors.
 
     Denoising (DN-DETR): `outputs.denoising` holds `logits [L, B, G * P, C]` and `boxes [L, B, G * P, 4]`,
     `outputs.denoising_meta = {"num_groups": G, "single_pad": P}` with P >= the most targets of any image.
     Query `g * P + j` of image b reconstructs target j of `targets[b]` (j < n_b); the remaining queries are
     padding and get no loss. The denoising terms skip matching, score only the reconstructing queries, are
-    normalised by G * num_boxes and scaled by `dn_loss_weight`.
+    normalised by G * num_boxes and scaled by `dn_loss_weight`. With `denoising_meta["contrastive"]` (DINO),
+    query `g * P + P / 2 + j` is target j's negative: it only gets the classification term, as "no object".
+
+    Encoder proposals (`outputs.encoder_proposals`, two-stage Deformable DETR and DINO): Hungarian-matched
+    to the targets like a decoder layer, as in the reference code's `enc_outputs` loss; when they carry a
+    single class column (Deformable DETR ranks proposals by one foreground score) every target counts as class 0.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_cfg: LossConfig,
@@ -57,15 +65,19 @@ class SetCriterion(nn.Module):
         self.dn_loss_weight = dn_loss_weight
 
     def loss_labels(self, logits: Tensor, targets: list[dict[str, Tensor]], indices: Indices,
-                    num_boxes: Tensor, matched_only: bool = False) -> Tensor:
-        """Sigmoid focal loss summed over queries and classes / num_boxes (DAB-DETR's `mean(1).sum() * Q`)."""
+                    num_boxes: Tensor, scored: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Sigmoid focal loss summed over queries and classes / num_boxes (DAB-DETR's `mean(1).sum() * Q`).
+
+        `scored`: (batch_idx, query_idx) of the only queries to score (the others get no loss); matched queries
+        are positives, the rest of `scored` background.
+        """
         batch_idx, query_idx = _query_index(indices)
         onehot = torch.zeros_like(logits)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         onehot[batch_idx, query_idx, labels] = 1
         focal = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma)
-        if matched_only:
-            focal = focal[batch_idx, query_idx]
+        if scored is not None:
+            focal = focal[scored]
         return focal.sum() / num_boxes
 
     def loss_boxes(self, boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices,
@@ -80,9 +92,9 @@ class SetCriterion(nn.Module):
 
     def _layer(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], indices: Indices,
                num_boxes: Tensor, prefix: str, suffix: str, scale: float = 1.0,
-               matched_only: bool = False) -> dict[str, Tensor]:
+               scored: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
         l1, giou = self.loss_boxes(boxes, targets, indices, num_boxes)
-        terms = {"loss_ce": self.loss_labels(logits, targets, indices, num_boxes, matched_only),
+        terms = {"loss_ce": self.loss_labels(logits, targets, indices, num_boxes, scored),
                  "loss_bbox": l1, "loss_giou": giou}
         return {f"{prefix}{name}{suffix}": self.weights[name] * scale * value for name, value in terms.items()}
 
@@ -101,16 +113,34 @@ class SetCriterion(nn.Module):
             indices = self.matcher(outputs.logits[l], outputs.boxes[l], targets)
             losses.update(self._layer(outputs.logits[l], outputs.boxes[l], targets, indices, num_boxes, "", suffix))
         if outputs.denoising is not None:
-            dn, meta = outputs.denoising, outputs.denoising_meta
-            if meta is None:
-                raise ValueError("denoising: outputs.denoising_meta is missing")
-            groups, pad = meta["num_groups"], meta["single_pad"]
-            if dn.logits.shape[2] != groups * pad:
-                raise ValueError(f"denoising: {dn.logits.shape[2]} queries != num_groups * single_pad = {groups * pad}")
-            indices = denoising_indices([len(t["labels"]) for t in targets], groups, pad, dn.logits.device)
-            for l, suffix in self._layers(dn):
-                losses.update(self._layer(dn.logits[l], dn.boxes[l], targets, indices, num_boxes * groups,
-                                          "dn_", suffix, self.dn_loss_weight, matched_only=True))
+            losses.update(self._denoising(outputs, targets, num_boxes))
+        if outputs.encoder_proposals is not None:
+            enc = outputs.encoder_proposals
+            if enc.logits.shape[-1] == 1:  # class-agnostic proposals
+                targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+            indices = self.matcher(enc.logits[-1], enc.boxes[-1], targets)
+            losses.update(self._layer(enc.logits[-1], enc.boxes[-1], targets, indices, num_boxes, "enc_", ""))
+        return losses
+
+    def _denoising(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]],
+                   num_boxes: Tensor) -> dict[str, Tensor]:
+        dn, meta = outputs.denoising, outputs.denoising_meta
+        if meta is None:
+            raise ValueError("denoising: outputs.denoising_meta is missing")
+        groups, pad = meta["num_groups"], meta["single_pad"]
+        if dn.logits.shape[2] != groups * pad:
+            raise ValueError(f"denoising: {dn.logits.shape[2]} queries != num_groups * single_pad = {groups * pad}")
+        sizes = [len(t["labels"]) for t in targets]
+        indices = denoising_indices(sizes, groups, pad, dn.logits.device)
+        scored = _query_index(indices)
+        if meta.get("contrastive", False):  # negatives: each positive's query + P / 2
+            if sizes and 2 * max(sizes) > pad:
+                raise ValueError(f"denoising: single_pad={pad} holds fewer than 2 x {max(sizes)} targets")
+            scored = _query_index([(torch.cat((q, q + pad // 2)), j) for q, j in indices])
+        losses = {}
+        for l, suffix in self._layers(dn):
+            losses.update(self._layer(dn.logits[l], dn.boxes[l], targets, indices, num_boxes * groups,
+                                      "dn_", suffix, self.dn_loss_weight, scored))
         return losses
 
 

@@ -1,0 +1,90 @@
+"""DINO: Deformable DETR with mixed query selection, look-forward-twice and contrastive denoising (arXiv 2203.03605)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from kddetr.config import ModelConfig
+from kddetr.models.deformable_detr import DeformableDETR, DeformableMemory, box_sine
+from kddetr.models.denoising import DenoisingGenerator, decode_with_denoising
+from kddetr.models.layers import MLP
+from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+
+
+class DINO(DeformableDETR):
+    """Two-stage Deformable DETR with box refinement (encoder, decoder layers and heads are its own) plus:
+
+    - mixed query selection: the top `num_queries` encoder proposals by their best class score give every
+      image its 4-D anchors (detached); the content queries stay learned (`tgt_embed`, one per slot);
+    - anchor-derived positional queries: every decoder layer maps the sine embedding of its current
+      reference box through `ref_point_head` (an MLP), as DAB-DETR does;
+    - look-forward-twice: layer i's box is its delta applied to layer i-1's box *before* the detach, so
+      layer i's box loss also trains layer i-1's box prediction (one layer back, not further); the
+      reference the layer attends from stays detached;
+    - contrastive denoising (`denoising.enabled`, `denoising.contrastive`): DN groups of positives and
+      negatives decoded beside the detection queries under the DN mask (`models/denoising.py`);
+    - the encoder loss on the selected proposals (`enc_` terms, the reference's "interm" outputs).
+
+    Decoder heads are one per layer (box_refine), not shared as in the reference's default. Any anchor group
+    is decoded like the selected proposals: given content is used, else the learned content queries in slot
+    order (cycled for larger groups), so decoding `learned_queries(B, memory)` reproduces the detections.
+    Distillation groups never see the detection queries, the denoising groups or each other.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__(dataclasses.replace(cfg, two_stage=True, box_refine=True), num_classes)
+        self.look_forward_twice = True
+        dn = cfg.denoising
+        self.denoising = DenoisingGenerator(dn, num_classes, cfg.hidden_dim) if dn.enabled else None
+
+    def _build_queries(self, cfg: ModelConfig) -> None:
+        self.tgt_embed = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
+        self.ref_point_head = MLP(2 * cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2)
+
+    def _xavier_modules(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder, self.enc_output, self.ref_point_head]
+
+    def _proposals(self, memory: DeformableMemory) -> tuple[DecoderOutput, Tensor]:
+        """The top `num_queries` valid proposals by best class score: with gradients (for the encoder loss), and
+        their boxes detached (the anchors)."""
+        logits, coords, valid = self._proposal_outputs(memory)
+        top = logits.max(-1).values.masked_fill(~valid, float("-inf")).topk(self.num_queries, dim=1).indices
+        logits = logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1]))
+        coords = coords.gather(1, top[..., None].expand(-1, -1, 4))
+        return DecoderOutput(logits[None], coords.sigmoid()[None]), coords.detach().sigmoid()
+
+    def _encoder_proposals(self, memory: DeformableMemory) -> Optional[DecoderOutput]:
+        return memory.proposals
+
+    def _inputs(self, memory: DeformableMemory, queries: Optional[Queries]) -> tuple[Tensor, Tensor, Tensor]:
+        """Content `[B, K, D]`, an empty positional part (made per layer from the boxes) and anchors `[B, K, 4]`."""
+        batch = memory.memory.shape[0]
+        anchors = memory.selected if queries is None else queries.anchors.expand(batch, -1, -1)
+        if queries is not None and queries.content is not None:
+            content = queries.content.expand(batch, -1, -1)
+        else:
+            slots = torch.arange(anchors.shape[1], device=anchors.device) % self.num_queries
+            content = self.tgt_embed(slots).expand(batch, -1, -1)
+        return content, anchors.new_zeros(batch, anchors.shape[1], 0), anchors
+
+    def _query_pos(self, pos: Tensor, reference: Tensor) -> Tensor:
+        return self.ref_point_head(box_sine(reference[:, :, 0], self.hidden_dim))
+
+    def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
+                extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
+        memory = self.encode(images)
+        groups = [None, *(extra_queries or [])]
+        noised, meta = None, None
+        if not self.training or self.denoising is None or targets is None:
+            detections, *extra = self.decode_groups(memory, groups)
+        else:
+            dn = self.denoising(targets)
+            inputs = [self._inputs(memory, group) for group in [dn.queries, *groups]]
+            noised, detections, *extra = decode_with_denoising(inputs, dn, memory, self._decode, self.group_isolation)
+            meta = dn.meta
+        return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
+                              denoising_meta=meta, encoder_memory=memory.memory,
+                              encoder_proposals=self._encoder_proposals(memory))
