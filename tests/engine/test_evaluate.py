@@ -2,7 +2,6 @@
 import json
 import math
 import random
-from functools import partial
 
 import pytest
 import torch

@@ -6,10 +6,9 @@ import torch
 
 from kddetr.config import KDConfig, load_config
 from kddetr.kd.distiller import Distiller
-from kddetr.kd.losses import DistillationLoss
-from kddetr.kd.points import GeneralPoints
 from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.protocol import ImageBatch
+from tests.kd import kd_on_fresh_points_ratio
 
 TINY = Path(__file__).parent.parent / "fixtures" / "tiny.yaml"
 NUM_CLASSES = 5
@@ -76,23 +75,5 @@ def test_distillation_moves_student_towards_teacher_on_fresh_points():
     teacher, student, cfg = _models(seed=1)
     kd_cfg = KDConfig(general_points=32, general_distribution="uniform", seed=0)
     distiller = Distiller(student, teacher, lambda out, tgt: {}, kd_cfg).train()  # KD terms only
-    opt = torch.optim.AdamW(student.parameters(), lr=2e-3)
-    held_out = GeneralPoints(64, "uniform", seed=12345)(2, torch.device("cpu"))
     images, targets = _batch(seed=3)
-    measure = DistillationLoss(kd_cfg)
-
-    def fresh_kd() -> float:
-        student.eval()
-        with torch.no_grad():
-            s_mem, t_mem = student.encode(images), teacher.encode(images)
-            value = sum(measure(student.decode(s_mem, held_out), teacher.decode(t_mem, held_out)).values())
-        student.train()
-        return float(value)
-
-    start = fresh_kd()
-    for _ in range(40):
-        _, losses = distiller(images, targets)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-    assert fresh_kd() < 0.6 * start
+    assert kd_on_fresh_points_ratio(distiller, images, targets, steps=40) < 0.6

@@ -11,6 +11,7 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from kddetr.engine import distributed as dist
+from kddetr.models.protocol import DetectorOutput
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -28,6 +29,21 @@ def postprocess(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, top_k: int = 
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
     xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
+
+
+def postprocess_outputs(outputs: DetectorOutput, orig_sizes: Tensor, top_k: int = 100) -> list[dict[str, Tensor]]:
+    """`postprocess` of the detection queries, or the detector's own detections when it has them (Faster R-CNN:
+    NMS'ed, boxes normalised xyxy) scaled to the original image and cut to the `top_k` best."""
+    if outputs.detections is None:
+        return postprocess(outputs.pred_logits.float(), outputs.pred_boxes.float(), orig_sizes, top_k)
+    h, w = orig_sizes.unbind(-1)
+    scale = torch.stack([w, h, w, h], dim=-1).float()
+    results = []
+    for det, size in zip(outputs.detections, scale):
+        keep = det["scores"].float().argsort(descending=True)[:top_k]
+        results.append({"scores": det["scores"][keep].float(), "labels": det["labels"][keep],
+                        "boxes": det["boxes"][keep].float() * size.to(det["boxes"].device)})
+    return results
 
 
 def to_coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Iterable[int | Tensor],
@@ -78,7 +94,7 @@ def evaluate(model: nn.Module, loader: Iterable, dataset: Any, device: torch.dev
         for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
             outputs = model(images.to(device))
             orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            predictions = postprocess(outputs.pred_logits.float(), outputs.pred_boxes.float(), orig_sizes, top_k)
+            predictions = postprocess_outputs(outputs, orig_sizes, top_k)
             for prediction, target in zip(predictions, targets):
                 image_id = int(target["image_id"])
                 per_image[image_id] = to_coco_results([prediction], [image_id], dataset.category_ids)

@@ -16,7 +16,7 @@ from kddetr.data.coco import open_image
 from kddetr.data.collate import collate
 from kddetr.data.transforms import build_transforms
 from kddetr.engine.checkpoint import Checkpoint, load_checkpoint
-from kddetr.engine.evaluate import postprocess, to_coco_results
+from kddetr.engine.evaluate import postprocess_outputs, to_coco_results
 from kddetr.errors import UserError
 from kddetr.viz import draw_detections
 
@@ -63,8 +63,7 @@ def _predict_all(ckpt: Checkpoint, inputs: Sequence[Path], out_dir: Path, detect
                       "orig_size": torch.tensor([h, w])}
             batch, _ = collate([transform(image, target)])
             out = ckpt.model(batch.to(device))
-            pred = postprocess(out.pred_logits, out.pred_boxes, torch.tensor([[h, w]], device=out.pred_boxes.device),
-                               top_k=top_k)[0]
+            pred = postprocess_outputs(out, torch.tensor([[h, w]], device=out.pred_boxes.device), top_k=top_k)[0]
             keep = pred["scores"] >= score_threshold
             pred = {k: v[keep].cpu() for k, v in pred.items()}
             drawn = draw_detections(pil_to_tensor(image), pred["boxes"], pred["labels"].tolist(),

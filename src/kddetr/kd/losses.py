@@ -23,17 +23,21 @@ def _reduce(per_point: Tensor, weights: Tensor, normalize: bool) -> Tensor:
 
 
 def class_kd_loss(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, kind: str = "kl",
-                  temperature: float = 10.0, normalize: bool = False) -> Tensor:
+                  temperature: float = 10.0, normalize: bool = False, background: bool = False) -> Tensor:
     """Class distillation over points `[..., C]`.
 
     `kl`: KL(softmax(t/T) || softmax(s/T)) averaged over classes, times T², as in the released code.
     `bce`: per-class binary KL between the teacher's and the student's sigmoid probabilities
     (fits sigmoid/focal heads; no temperature). Weighted by `weights`, summed over points, or a
-    weighted mean when `normalize`.
+    weighted mean when `normalize`. `background` (kl only): both logits are read as log-odds against
+    background and a zero background logit joins the softmax (C + 1 classes), so that a softmax student
+    with background (Faster R-CNN) and a sigmoid teacher compare full distributions, objectness included.
     """
     teacher_logits = teacher_logits.detach().float()
     student_logits = student_logits.float()
     if kind == "kl":
+        if background:
+            teacher_logits, student_logits = F.pad(teacher_logits, (1, 0)), F.pad(student_logits, (1, 0))
         log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
         log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
         per_point = (log_p_t.exp() * (log_p_t - log_p_s)).mean(-1) * temperature**2
@@ -78,7 +82,8 @@ class DistillationLoss(nn.Module):
         weights = teacher_confidence(t_logits) if cfg.foreground_reweight else torch.ones_like(t_logits[..., 0])
         if point_mask is not None:
             weights = weights * point_mask
-        cls = class_kd_loss(s_logits, t_logits, weights, cfg.cls_loss, cfg.temperature, cfg.cls_normalize)
+        cls = class_kd_loss(s_logits, t_logits, weights, cfg.cls_loss, cfg.temperature, cfg.cls_normalize,
+                            cfg.cls_background)
         l1, giou = box_kd_losses(s_boxes, t_boxes, weights)
         return {"kd_cls": cfg.cls_weight * cls, "kd_bbox": cfg.bbox_weight * l1, "kd_giou": cfg.giou_weight * giou}
 

@@ -1,4 +1,4 @@
-"""Distillation-point sampling: general (random anchors) and specific (the teacher's own queries)."""
+"""Distillation-point sampling: general (random anchors), specific (the teacher's own queries), the student's own."""
 from __future__ import annotations
 
 from typing import Any, Optional, Protocol
@@ -13,8 +13,10 @@ class PointSampler(Protocol):
     """Builds one group of distillation queries for a batch; shared by teacher and student."""
 
     name: str
+    needs_student: bool  # the caller must pass the student and its no-grad encoding of the batch
 
-    def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any) -> Queries: ...
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any,
+                 student: Any = None, student_memory: Any = None) -> Queries: ...
 
 
 class GeneralPoints:
@@ -26,6 +28,7 @@ class GeneralPoints:
     """
 
     name = "general"
+    needs_student = False
 
     def __init__(self, num_points: int, distribution: str = "uniform", seed: int = 0) -> None:
         if distribution not in ("uniform", "logit_normal"):
@@ -42,7 +45,8 @@ class GeneralPoints:
             anchors = torch.randn(shape, generator=self.generator).sigmoid()
         return anchors.clamp(1e-4, 1 - 1e-4)
 
-    def __call__(self, batch_size: int, device: torch.device, teacher: Any = None, teacher_memory: Any = None) -> Queries:
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any = None, teacher_memory: Any = None,
+                 student: Any = None, student_memory: Any = None) -> Queries:
         anchors = self.sample_anchors().to(device)
         return Queries(anchors=anchors.unsqueeze(0).expand(batch_size, -1, -1))
 
@@ -60,8 +64,10 @@ class SpecificPoints:
     """
 
     name = "specific"
+    needs_student = False
 
-    def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any = None) -> Queries:
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any = None,
+                 student: Any = None, student_memory: Any = None) -> Queries:
         queries = teacher.learned_queries(batch_size, memory=teacher_memory)
         return Queries(anchors=queries.anchors.detach().to(device))
 
@@ -72,14 +78,40 @@ class SpecificPoints:
         pass
 
 
+class StudentProposals:
+    """The student's own queries of the step, e.g. a two-stage student's RPN proposals (heterogeneous KD).
+
+    `student.learned_queries(batch_size, memory=student_memory)` from the student's encoding of the same
+    images (the caller encodes without grad; `needs_student` tells it to). Anchors only, like `SpecificPoints`.
+    """
+
+    name = "proposals"
+    needs_student = True
+
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any = None, teacher_memory: Any = None,
+                 student: Any = None, student_memory: Any = None) -> Queries:
+        if student is None or student_memory is None:
+            raise ValueError("kd.student_proposals: the caller must pass `student` and `student_memory`")
+        queries = student.learned_queries(batch_size, memory=student_memory)
+        return Queries(anchors=queries.anchors.detach().to(device))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def build_samplers(cfg: KDConfig) -> list[PointSampler]:
-    """The groups of distillation points that `cfg` asks for, general first."""
+    """The groups of distillation points that `cfg` asks for: general, specific, then the student's proposals."""
     samplers: list[PointSampler] = []
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if cfg.general_points > 0:  # each rank draws its own points, as in the released code
         samplers.append(GeneralPoints(cfg.general_points, cfg.general_distribution, cfg.seed + rank))
     if cfg.specific_points:
         samplers.append(SpecificPoints())
+    if cfg.student_proposals:
+        samplers.append(StudentProposals())
     return samplers
 
 
