@@ -43,6 +43,9 @@ def test_train_eval_predict_plot(flow, capsys):
     png = root / "curves.png"
     assert main(["plot", str(run), str(run), "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000
+    timed = root / "curves_time.png"
+    assert main(["plot", str(run), "--out", str(timed), "--x", "time"]) == 0
+    assert timed.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args,fragment", [

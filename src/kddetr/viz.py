@@ -38,8 +38,15 @@ def read_metrics(run: Path) -> list[dict]:
     return rows
 
 
-def plot_runs(runs: Sequence[Path], out: Path) -> Path:
-    """Training loss and validation AP / AP50 against epochs, one line per run."""
+X_AXES = {"epoch": ("epoch", 1.0), "step": ("step", 1.0), "time": ("time_s", 1 / 60)}
+
+
+def plot_runs(runs: Sequence[Path], out: Path, x: str = "epoch") -> Path:
+    """Training loss and validation AP / AP50 against epochs, steps or training minutes, one line per run."""
+    if x not in X_AXES:
+        raise UserError(f"--x: {x!r} is not one of {', '.join(X_AXES)}")
+    key, scale = X_AXES[x]
+    xlabel = "training time (min)" if x == "time" else x
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -48,16 +55,17 @@ def plot_runs(runs: Sequence[Path], out: Path) -> Path:
     for run in runs:
         rows = read_metrics(run)
         name = Path(run).name
-        ax_loss.plot([r["epoch"] for r in rows], [r.get("train/loss", float("nan")) for r in rows], label=name)
+        rows = [r for r in rows if key in r]
+        ax_loss.plot([r[key] * scale for r in rows], [r.get("train/loss", float("nan")) for r in rows], label=name)
         evals = [r for r in rows if "AP" in r]
-        line, = ax_ap.plot([r["epoch"] for r in evals], [r["AP"] for r in evals], marker="o", label=f"{name} AP")
-        ax_ap.plot([r["epoch"] for r in evals], [r["AP50"] for r in evals], ls="--", color=line.get_color(),
-                   label=f"{name} AP50")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_ap.set(xlabel="epoch", ylabel="COCO AP (%)", title="validation AP")
+        xs = [r[key] * scale for r in evals]
+        line, = ax_ap.plot(xs, [r["AP"] for r in evals], marker="o", label=f"{name} AP")
+        ax_ap.plot(xs, [r["AP50"] for r in evals], ls="--", color=line.get_color(), label=f"{name} AP50")
+    ax_loss.set(xlabel=xlabel, ylabel="training loss", title="loss")
+    ax_ap.set(xlabel=xlabel, ylabel="COCO AP (%)", title="validation AP (solid) and AP50 (dashed)")
     for ax in (ax_loss, ax_ap):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
