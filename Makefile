@@ -33,7 +33,7 @@ demo: install
 		{ $(BIN)/kddetr train configs/embedded_teacher.yaml --data $(DEMO_DATA) --out runs/teacher && \
 		  mkdir -p $(dir $(TEACHER)) && cp -r runs/teacher/last $(TEACHER) && rm -f $(TEACHER)/trainer_state.pt; }
 	$(BIN)/kddetr bench kd --demo --data $(DEMO_DATA) --teacher $(TEACHER) --out $(DEMO_OUT) \
-		--set train.epochs=$(DEMO_EPOCHS) --set 'train.lr_drop_epochs=[$(DEMO_EPOCHS)]' --set train.eval_every=2
+		--set train.epochs=$(DEMO_EPOCHS) --set train.eval_every=2
 	$(BIN)/kddetr plot $(DEMO_OUT)/student_no_kd $(DEMO_OUT)/kd_detr_general_specific --out $(DEMO_OUT)/curves.png
 
 clean:
