@@ -35,3 +35,27 @@ def assert_groups_isolated(model: torch.nn.Module) -> tuple[object, object, list
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(out.boxes, ref.boxes, atol=1e-5, rtol=0)
     return plain, memory, groups
+
+
+def paint_boxes(images: ImageBatch, targets: list[dict[str, torch.Tensor]]) -> None:
+    """Bright target boxes on the noise images (in place), so that there is something to find."""
+    for t, image in zip(targets, images.tensors):
+        h_img, w_img = image.shape[-2:]
+        for cx, cy, w, h in t["boxes"].tolist():
+            image[:, int((cy - h / 2) * h_img):int((cy + h / 2) * h_img),
+                  int((cx - w / 2) * w_img):int((cx + w / 2) * w_img)] = 3
+
+
+def train_totals(model: torch.nn.Module, criterion, images: ImageBatch, targets: list[dict[str, torch.Tensor]],
+                 steps: int, lr: float = 1e-3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train `steps` AdamW steps on one batch: the total loss of every step and the last step's terms."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    totals, losses = [], {}
+    for _ in range(steps):
+        losses = criterion(model(images, targets), targets)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(float(total.detach()))
+    return totals, losses

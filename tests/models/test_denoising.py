@@ -15,6 +15,8 @@ from kddetr.models.criterion import denoising_indices
 from kddetr.models.denoising import DenoisingGenerator, denoising_attn_mask, noise_boxes, noise_labels
 from kddetr.models.protocol import ImageBatch, Queries
 
+from . import paint_boxes, train_totals
+
 CLASSES, DIM, QUERIES, GROUPS = 3, 32, 6, 3
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny.yaml"
 
@@ -194,18 +196,8 @@ def test_overfits_two_images() -> None:
     detector = build_detector(cfg, CLASSES).train()
     criterion = build_criterion(cfg, CLASSES)
     images, targets = batch()
-    for t, image in zip(targets, images.tensors):  # bright boxes on the noise, so there is something to find
-        for cx, cy, w, h in t["boxes"].tolist():
-            image[:, int((cy - h / 2) * 64):int((cy + h / 2) * 64), int((cx - w / 2) * 64):int((cx + w / 2) * 64)] = 3
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-3)
-    totals = []
-    for _ in range(40):
-        losses = criterion(detector(images, targets), targets)
-        total = sum(losses.values())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        totals.append(total.item())
+    paint_boxes(images, targets)
+    totals, losses = train_totals(detector, criterion, images, targets, steps=40)
     assert any(k.startswith("dn_") for k in losses)
     assert sum(totals[-5:]) / 5 < 0.8 * sum(totals[:5]) / 5
 

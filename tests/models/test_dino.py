@@ -12,7 +12,7 @@ from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.dino import DINO
 from kddetr.models.protocol import Detector, ImageBatch
 
-from . import assert_groups_isolated, extra_groups, image_batch
+from . import assert_groups_isolated, extra_groups, image_batch, paint_boxes, train_totals
 
 CLASSES, QUERIES, GROUPS = 3, 6, 2
 TARGETS = [{"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]]), "labels": torch.tensor([0, 2])},
@@ -158,17 +158,8 @@ def test_overfits_two_images() -> None:
     model = tiny_model().train()
     criterion = build_criterion(tiny_config(), CLASSES)
     images = image_batch()
-    for t, image in zip(TARGETS, images.tensors):  # bright boxes on the noise, so there is something to find
-        for cx, cy, w, h in t["boxes"].tolist():
-            image[:, int((cy - h / 2) * 64):int((cy + h / 2) * 64), int((cx - w / 2) * 64):int((cx + w / 2) * 64)] = 3
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    totals = []
-    for _ in range(30):
-        loss = sum(criterion(model(images, TARGETS), TARGETS).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        totals.append(loss.item())
+    paint_boxes(images, TARGETS)
+    totals, _ = train_totals(model, criterion, images, TARGETS, steps=30)
     assert sum(totals[-5:]) / 5 < 0.6 * sum(totals[:5]) / 5, totals
 
 

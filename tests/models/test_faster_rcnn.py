@@ -17,6 +17,8 @@ from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.faster_rcnn import pad_cyclic
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
+from . import train_totals
+
 NUM_CLASSES = 4
 ROOT = Path(__file__).parents[2]
 WEIGHTS = ROOT / "assets" / "backbone" / "resnet10_s3.safetensors"
@@ -97,16 +99,8 @@ def test_groups_are_isolated_and_detection_queries_are_the_proposals():
 def test_training_returns_torchvision_losses_that_train():
     model = _model().train()
     criterion = build_criterion(tiny_config(), NUM_CLASSES)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     images, targets = _images(), _targets()
-    totals = []
-    for _ in range(8):
-        losses = criterion(model(images, targets), targets)
-        total = sum(losses.values())
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-        totals.append(float(total.detach()))
+    totals, losses = train_totals(model, criterion, images, targets, steps=8)
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
     assert totals[-1] < totals[0]
 

@@ -57,7 +57,17 @@ class GeneralPoints:
         self.generator.set_state(state["generator"])
 
 
-class SpecificPoints:
+class _Stateless:
+    """Samplers without random state: nothing to save or restore on resume."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SpecificPoints(_Stateless):
     """The teacher's learned detection queries: their anchors (per image for query-selecting detectors).
 
     The content part is left empty (zeros), as in the released code: teacher and student widths may differ.
@@ -71,14 +81,8 @@ class SpecificPoints:
         queries = teacher.learned_queries(batch_size, memory=teacher_memory)
         return Queries(anchors=queries.anchors.detach().to(device))
 
-    def state_dict(self) -> dict:
-        return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class StudentProposals:
+class StudentProposals(_Stateless):
     """The student's own queries of the step, e.g. a two-stage student's RPN proposals (heterogeneous KD).
 
     `student.learned_queries(batch_size, memory=student_memory)` from the student's encoding of the same
@@ -94,12 +98,6 @@ class StudentProposals:
             raise ValueError("kd.student_proposals: the caller must pass `student` and `student_memory`")
         queries = student.learned_queries(batch_size, memory=student_memory)
         return Queries(anchors=queries.anchors.detach().to(device))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def build_samplers(cfg: KDConfig) -> list[PointSampler]:
