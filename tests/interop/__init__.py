@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from kddetr.config import BackboneConfig, ModelConfig
+from kddetr.engine.checkpoint import DatasetInfo
+
+EXPORT_DATASET = DatasetInfo([3, 7, 11], ["three", "seven", "eleven"])  # what `export_to_hf` saves
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -40,3 +43,26 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
                 t.add_(0.1 * noise)
     return model.eval()
 
+
+
+def export_to_hf(cfg, hf_class, tmp_path) -> tuple[nn.Module, nn.Module, set[str]]:
+    """Save a randomised model of `cfg` (a `Config`), `kddetr export --format hf` it and load it with `hf_class`.
+
+    Returns our model, the HF model (eval mode) and the tensor names written; asserts that HF loads every
+    weight, misses none and keeps our class names.
+    """
+    from safetensors.torch import load_file
+
+    from kddetr.engine.checkpoint import save_checkpoint
+    from kddetr.interop.cli import export_checkpoint
+    from kddetr.models.build import build_detector
+
+    torch.manual_seed(0)
+    model = randomise(build_detector(cfg.model, EXPORT_DATASET.num_classes))
+    save_checkpoint(tmp_path / "ckpt", model, cfg, EXPORT_DATASET)
+    export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
+    names = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    hf, info = hf_class.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.id2label == {0: "three", 1: "seven", 2: "eleven"}
+    return model, hf.eval(), names

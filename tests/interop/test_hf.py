@@ -6,18 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kddetr.config import Config
-from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint, save_checkpoint
+from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
 from kddetr.errors import UserError
-from kddetr.interop.cli import export_checkpoint, import_checkpoint
+from kddetr.interop.cli import import_checkpoint
 from kddetr.interop.hf import hf_config, hf_to_ours, model_config_from_hf
 from kddetr.interop.onnx import sample_inputs
-from kddetr.models.build import build_detector
 from kddetr.models.protocol import ImageBatch
 
-from . import randomise, tiny_config
+from . import EXPORT_DATASET, export_to_hf, randomise, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,24 +64,16 @@ def test_import_matches_transformers(tmp_path: Path, weights_file: str) -> None:
 def test_export_loads_in_transformers_and_round_trips(tmp_path: Path) -> None:
     cfg = Config(model=tiny_config(num_patterns=2))
     cfg.model.denoising.enabled = True  # training-only embeddings: must not reach the export
-    dataset = DatasetInfo([3, 7, 11], ["three", "seven", "eleven"])
-    torch.manual_seed(0)
-    model = randomise(build_detector(cfg.model, dataset.num_classes))
-    save_checkpoint(tmp_path / "ckpt", model, cfg, dataset)
-
-    export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
-    names = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    model, hf, names = export_to_hf(cfg, transformers.DabDetrForObjectDetection, tmp_path)
     assert not any("denoising" in n or "label_embed" in n for n in names)
-    hf, info = transformers.DabDetrForObjectDetection.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert names == set(hf.state_dict()) and hf.config.id2label == {0: "three", 1: "seven", 2: "eleven"}
-    error = max_error(model, hf.eval(), *sample_inputs(2, 64, 64))
+    assert names == set(hf.state_dict())
+    error = max_error(model, hf, *sample_inputs(2, 64, 64))
     print(f"\nHF export: max abs error {error:.2e}")
     assert error < 1e-4
 
     import_checkpoint("hf", tmp_path / "hf", tmp_path / "back")
     back = load_checkpoint(tmp_path / "back")
-    assert back.dataset == dataset and back.config.model.num_patterns == 2
+    assert back.dataset == EXPORT_DATASET and back.config.model.num_patterns == 2
     original = {k: v for k, v in model.state_dict().items() if not k.startswith("denoising.")}
     assert original.keys() == back.model.state_dict().keys()
     assert all(torch.equal(v, back.model.state_dict()[k]) for k, v in original.items())

@@ -6,18 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kddetr.config import Config
-from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint, save_checkpoint
+from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
 from kddetr.errors import UserError
-from kddetr.interop.cli import export_checkpoint, import_checkpoint
+from kddetr.interop.cli import import_checkpoint
 from kddetr.interop.hf import deformable_config_from_hf, hf_config
 from kddetr.interop.onnx import sample_inputs
-from kddetr.models.build import build_detector
 from kddetr.models.protocol import ImageBatch
 
-from . import randomise, tiny_config
+from . import EXPORT_DATASET, export_to_hf, randomise, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,24 +72,15 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path: Path, variant: s
     cfg = Config(model=dataclasses.replace(
         tiny_config(), arch="deformable_detr", activation="relu", num_points=2, num_feature_levels=want["levels"],
         box_refine=want["box_refine"], two_stage=want["two_stage"]))
-    dataset = DatasetInfo([3, 7, 11], ["three", "seven", "eleven"])
-    torch.manual_seed(0)
-    model = randomise(build_detector(cfg.model, dataset.num_classes))
-    save_checkpoint(tmp_path / "ckpt", model, cfg, dataset)
-
-    export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
-    names = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
-    hf, info = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    model, hf, names = export_to_hf(cfg, transformers.DeformableDetrForObjectDetection, tmp_path)
     assert len(names) == len(hf.state_dict())  # every tied copy written: nothing is left to HF's tying
-    assert hf.config.id2label == {0: "three", 1: "seven", 2: "eleven"}
-    error = max_error(model, hf.eval())
+    error = max_error(model, hf)
     print(f"\nHF Deformable DETR export ({variant}): max abs error {error:.2e}")
     assert error < 1e-4
 
     import_checkpoint("hf", tmp_path / "hf", tmp_path / "back")
     back = load_checkpoint(tmp_path / "back")
-    assert back.dataset == dataset
+    assert back.dataset == EXPORT_DATASET
     assert model.state_dict().keys() == back.model.state_dict().keys()
     assert all(torch.equal(v, back.model.state_dict()[k]) for k, v in model.state_dict().items())
 
