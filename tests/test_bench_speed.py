@@ -32,7 +32,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     data, teacher = tiny_run
     assert speed.main(["--quick", "--config", str(TINY), "--teacher", str(teacher), "--data", str(data),
-                       "--batch-size", "2", "--general-points", "6", "--specific-points", "12"]) == 0
+                       "--batch-size", "2", "--general-points", "6", "--specific-points", "12",
+                       "--set", "model.denoising.enabled=true"]) == 0  # the embedded configs train with DN
     out = capsys.readouterr().out
     titles = re.findall(r"^### (.+)$", out, flags=re.M)
     starts = ["KD overhead", "vs HF transformers", "inference", "memory", "scaling: KD step vs general points",
@@ -44,6 +45,9 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     assert set(kd_rows) == {"student step", "teacher forward", "KD step (separate)", "KD step (mask)",
                             "KD step (batch)"}
     assert abs(float(kd_rows["student step"]) + float(kd_rows["teacher forward"]) - 1) < 1e-2  # ratios to their sum
+    assert len(re.findall(r"^\| part: (student step decoding the points too|teacher forward over the points) \|",
+                          out, flags=re.M)) == 2
+    assert re.search(r"^KD step \(batch\) / the sum of its parts .*: [\d.]+$", out, flags=re.M)
     hf_rows = re.findall(r"^\| (DAB-DETR|Deformable DETR) \| (train step|inference) \|.*\| ([\d.e-]+) \|$", out,
                          flags=re.M)
     if "skipped" not in out:
@@ -51,6 +55,17 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     assert re.search(r"^\| distilled student \| [\d.]+ \| [\d.]+ \|$", out, flags=re.M)
     assert len(re.findall(r"^\| (train|KD|inference) \| [\d.]+ \|", out, flags=re.M)) == 3
     assert len(re.findall(r"^\| [048] \| [\d.e-]+ \|", out, flags=re.M)) == 3  # 0, 4 and 8 points
+
+
+def test_teacher_from_a_config_at_another_image_size(tiny_run, capsys) -> None:
+    """A YAML teacher is built with random weights (no checkpoint of that size needed); --image-size resizes."""
+    data, _ = tiny_run
+    assert speed.main(["--quick", "--only", "kd", "--config", str(TINY), "--teacher", str(TINY), "--data", str(data),
+                       "--batch-size", "2", "--general-points", "4", "--specific-points", "0",
+                       "--image-size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2 at (48, 48) px" in out
+    assert f"4 general + {load_config(TINY).model.num_queries} specific points" in out
 
 
 def test_teacher_inference_mode_gives_the_same_losses_and_gradients() -> None:

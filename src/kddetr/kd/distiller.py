@@ -57,7 +57,7 @@ class Distiller(nn.Module):
             stack.enter_context(torch.autocast(device.type, dtype=self.teacher_autocast))
         return stack
 
-    def _teacher_decode(self, memory: Any, groups: list[Queries]) -> list[DecoderOutput]:
+    def teacher_decode(self, memory: Any, groups: list[Queries]) -> list[DecoderOutput]:
         if hasattr(self.teacher, "decode_groups"):  # one (stacked or masked) pass where the teacher offers it
             return self.teacher.decode_groups(memory, groups)
         return [self.teacher.decode(memory, q) for q in groups]
@@ -75,7 +75,7 @@ class Distiller(nn.Module):
                 memory = self.teacher.encode(images)
                 groups = [sampler(batch_size, device, self.teacher, memory, student, student_memory)
                           for sampler in self.samplers]
-                teacher_groups = self._teacher_decode(memory, groups) if groups else []
+                teacher_groups = self.teacher_decode(memory, groups) if groups else []
                 teacher_detections = self.teacher.decode(memory, None) if self.cfg.method == "hungarian" else None
         # inference-mode tensors cannot be saved for the student's backward: normal copies (small) leave the block
         copy = self.teacher_inference_mode

@@ -51,7 +51,8 @@ class HeadAttention(nn.Module):
 
     Conditional/DAB-DETR build queries and keys from separate content and positional projections
     (concatenated per head in cross-attention), so only the output projection lives here.
-    `mask` is boolean, broadcastable to `[B, H, N, S]`, True where attention is allowed.
+    `mask` is boolean, broadcastable to `[B, H, N, S]`, True where attention is allowed. Values narrower
+    than queries and keys (DAB-DETR's cross-attention) are zero-padded so that the fused kernels run.
     """
 
     def __init__(self, dim: int, dropout: float = 0.0) -> None:
@@ -62,7 +63,10 @@ class HeadAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        value_dim = v.shape[-1]
+        if q.shape[-1] > value_dim:  # fused kernels want one head size; zero value channels add nothing
+            v = F.pad(v, (0, q.shape[-1] - value_dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)[..., :value_dim]
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
