@@ -148,6 +148,9 @@ class KDConfig:
     # class KD with an explicit background: a zero logit is appended to both models' per-class logits before the
     # softmax KL (for students whose logits are log-odds against background, e.g. Faster R-CNN; see faster_rcnn.py)
     cls_background: bool = False
+    # also weight each point by the IoU of its anchor with the teacher's final box there: trust the teacher only
+    # where its answer is about the given box (students that predict inside the box only, e.g. an RoI head)
+    locality_reweight: bool = False
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """End-to-end engine behaviour on a tiny model: train, resume, distil, non-finite losses."""
+import json
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,18 @@ def test_nonfinite_loss_stops_with_term_and_step(data_dir, tmp_path, monkeypatch
         run_training(_cfg("train.epochs=1"), data_dir, tmp_path / "nan", progress=False)
     run_training(_cfg("train.epochs=1", "train.on_nonfinite=skip"), data_dir, tmp_path / "skip", progress=False)
     assert (tmp_path / "skip" / "last" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # inductor compiles for minutes on 2 CPU cores
+def test_compiled_distillation_trains_like_eager(data_dir, teacher, tmp_path):
+    """train.compile: the same first-epoch losses and close weights as the eager run."""
+    common = ("train.epochs=1", "train.max_steps=2", "train.eval_every=0", "kd.general_points=4")
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        torch.manual_seed(0)
+        run_training(_cfg(*common, f"train.compile={flag}"), data_dir, tmp_path / name, progress=False,
+                     teacher=teacher)
+    losses = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1])["train/loss"]
+              for n in ("eager", "compiled")]
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    eager, compiled = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert all(torch.allclose(eager[k], compiled[k], atol=1e-4) for k in eager)

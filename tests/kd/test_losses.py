@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kddetr.config import KDConfig
-from kddetr.kd.losses import (DistillationLoss, box_kd_losses, class_kd_loss, teacher_confidence,
-                              teacher_layer_for)
+from kddetr.kd.losses import (DistillationLoss, anchor_locality, box_kd_losses, class_kd_loss,
+                              teacher_confidence, teacher_layer_for)
 from kddetr.models.protocol import DecoderOutput
 
 
@@ -113,6 +113,31 @@ def test_point_mask_excludes_points():
                                        DecoderOutput(t.logits[:, :, :2], t.boxes[:, :, :2]))
     for k in masked:
         assert masked[k].item() == pytest.approx(cut[k].item(), rel=1e-5)
+
+
+def test_anchor_locality_is_iou_of_anchor_and_teacher_box():
+    anchors = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])
+    teacher = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.55, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]])
+    iou = anchor_locality(anchors, teacher)
+    torch.testing.assert_close(iou, torch.tensor([[1.0, 0.15 / 0.25, 0.0]]))  # shifted by a quarter of its width
+
+
+def test_locality_reweight_ignores_points_the_teacher_moved_away():
+    """A point whose teacher box is far from its anchor adds nothing; near ones keep their (scaled) weight."""
+    s, t = _outputs(1, K=4, seed=10), _outputs(1, K=4, seed=11)
+    t.boxes[:, :, 2:] = torch.tensor([0.8, 0.8, 0.1, 0.1])
+    anchors = t.boxes[-1].clone()
+    anchors[:, 2:] = torch.tensor([0.2, 0.2, 0.1, 0.1])  # points 2, 3: the teacher answered about another place
+    cfg = KDConfig(locality_reweight=True)
+    s.boxes.requires_grad_(True)
+    terms = DistillationLoss(cfg)(s, t, anchors=anchors)
+    grad, = torch.autograd.grad(sum(terms.values()), s.boxes)
+    assert grad[..., 2:, :].abs().max() == 0 and grad[..., :2, :].abs().min() > 0
+    near = DistillationLoss(KDConfig())(DecoderOutput(s.logits[:, :, :2], s.boxes[:, :, :2]),
+                                        DecoderOutput(t.logits[:, :, :2], t.boxes[:, :, :2]))
+    assert terms["kd_bbox"].item() == pytest.approx(near["kd_bbox"].item(), rel=1e-5)  # IoU 1: unchanged weights
+    with pytest.raises(ValueError, match="anchors"):
+        DistillationLoss(cfg)(s, t)
 
 
 @pytest.mark.parametrize("s_layers,t_layers,expected", [(6, 6, [0, 1, 2, 3, 4, 5]), (3, 6, [1, 3, 5]), (2, 2, [0, 1])])

@@ -256,10 +256,12 @@ def hf_table(bench: Bench) -> str:
 
         ours.train(), hf.train()
         train = bench.times({"ours": bench.train_step(ours, ours_loss), "hf": bench.train_step(hf, hf_loss)})
+        ours.backbone.requires_grad_(False), hf.model.backbone.requires_grad_(False)  # the transformers' share
+        frozen = bench.times({"ours": bench.train_step(ours, ours_loss), "hf": bench.train_step(hf, hf_loss)})
         ours.eval(), hf.eval()
         infer = bench.times({"ours": ours_infer, "hf": hf_infer})
         name = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR"}[arch]
-        for what, t in (("train step", train), ("inference", infer)):
+        for what, t in (("train step", train), ("train step, backbone frozen", frozen), ("inference", infer)):
             rows.append((name, what, t["ours"], t["hf"], t["hf"] / t["ours"], max_diff))
     return markdown(f"vs HF transformers {transformers.__version__} (same size and weights; train step = forward + "
                     "backward + AdamW on the final outputs)", ["model", "step", "ours s", "HF s",
@@ -270,8 +272,10 @@ def hf_pair(bench: Bench, arch: str, transformers: Any) -> tuple[nn.Module, nn.M
     """Our detector with the student's sizes and HF's built from the same config and weights (offline)."""
     from kddetr.interop.hf import HF_DETECTORS, write_hf
 
-    overrides: dict[str, Any] = {"arch": arch, "group_isolation": "separate",  # HF has no denoising groups
-                                 "denoising": dataclasses.replace(bench.cfg.model.denoising, enabled=False)}
+    model = bench.cfg.model  # HF: no denoising groups, batch norm always frozen
+    overrides: dict[str, Any] = {"arch": arch, "group_isolation": "separate",
+                                 "denoising": dataclasses.replace(model.denoising, enabled=False),
+                                 "backbone": dataclasses.replace(model.backbone, frozen_bn=True)}
     if arch == "deformable_detr":
         overrides |= {"activation": "relu" if bench.cfg.model.activation == "prelu" else bench.cfg.model.activation}
     cfg = dataclasses.replace(bench.cfg.model, **overrides)

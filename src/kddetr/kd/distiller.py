@@ -85,8 +85,8 @@ class Distiller(nn.Module):
         teacher_detections = None if teacher_detections is None else _as_float(teacher_detections, copy)
         outputs = self.student(images, targets, extra_queries=groups or None)
         losses = dict(self.criterion(outputs, targets))
-        for sampler, student_out, teacher_out in zip(self.samplers, outputs.extra, teacher_groups):
-            for key, value in self.kd_loss(student_out, teacher_out).items():
+        for sampler, group, student_out, teacher_out in zip(self.samplers, groups, outputs.extra, teacher_groups):
+            for key, value in self.kd_loss(student_out, teacher_out, anchors=group.anchors).items():
                 losses[f"{sampler.name}/{key}"] = value
         if teacher_detections is not None:
             if self.baseline is None:

@@ -61,6 +61,16 @@ def box_kd_losses(student_boxes: Tensor, teacher_boxes: Tensor, weights: Tensor)
     return _reduce(l1, weights, True), _reduce(giou, weights, True)
 
 
+def anchor_locality(anchors: Tensor, teacher_boxes: Tensor) -> Tensor:
+    """IoU `[B, K]` of each point's anchor with the teacher's box for it (both cxcywh), detached."""
+    a = box_convert(anchors.detach().float(), "cxcywh", "xyxy")
+    b = box_convert(teacher_boxes.detach().float(), "cxcywh", "xyxy")
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
+    return inter / union.clamp(min=1e-6)
+
+
 def teacher_layer_for(student_layer: int, student_layers: int, teacher_layers: int, mode: str) -> int:
     """Which teacher layer supervises a student layer: always the last, or the proportional one."""
     if mode == "last":
@@ -76,25 +86,34 @@ class DistillationLoss(nn.Module):
         self.cfg = cfg
 
     def layer_terms(self, s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor,
-                    point_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """Weighted `kd_cls`, `kd_bbox`, `kd_giou` for one layer; `point_mask` drops padded points."""
+                    point_mask: Optional[Tensor] = None, locality: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """Weighted `kd_cls`, `kd_bbox`, `kd_giou` for one layer; `point_mask` drops padded points, `locality`
+        (per point) scales the weights."""
         cfg = self.cfg
         weights = teacher_confidence(t_logits) if cfg.foreground_reweight else torch.ones_like(t_logits[..., 0])
         if point_mask is not None:
             weights = weights * point_mask
+        if locality is not None:
+            weights = weights * locality
         cls = class_kd_loss(s_logits, t_logits, weights, cfg.cls_loss, cfg.temperature, cfg.cls_normalize,
                             cfg.cls_background)
         l1, giou = box_kd_losses(s_boxes, t_boxes, weights)
         return {"kd_cls": cfg.cls_weight * cls, "kd_bbox": cfg.bbox_weight * l1, "kd_giou": cfg.giou_weight * giou}
 
-    def forward(self, student: DecoderOutput, teacher: DecoderOutput,
-                point_mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def forward(self, student: DecoderOutput, teacher: DecoderOutput, point_mask: Optional[Tensor] = None,
+                anchors: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """`anchors [B, K, 4]`: the points themselves, needed with `locality_reweight`."""
         num_s, num_t = student.logits.shape[0], teacher.logits.shape[0]
+        locality = None
+        if self.cfg.locality_reweight:
+            if anchors is None:
+                raise ValueError("kd.locality_reweight needs the points' anchors")
+            locality = anchor_locality(anchors, teacher.boxes[-1])
         losses: dict[str, Tensor] = {}
         for layer in range(num_s):
             t = teacher_layer_for(layer, num_s, num_t, self.cfg.layer_mode)
             terms = self.layer_terms(student.logits[layer], student.boxes[layer],
-                                     teacher.logits[t], teacher.boxes[t], point_mask)
+                                     teacher.logits[t], teacher.boxes[t], point_mask, locality)
             suffix = "" if layer == num_s - 1 else f"_{layer}"
             losses.update({f"{k}{suffix}": v for k, v in terms.items()})
         return losses
