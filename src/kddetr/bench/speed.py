@@ -28,6 +28,7 @@ from kddetr.config import Config, load_config
 from kddetr.data.coco import build_dataset
 from kddetr.data.collate import collate
 from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
+from kddetr.engine.train import fused_adamw_ok
 from kddetr.errors import UserError
 from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
@@ -71,7 +72,8 @@ class Bench:
 
     def train_step(self, model: nn.Module, loss: Callable[[], Tensor]) -> Step:
         """One optimiser step on `loss()` (forward + backward + AdamW), under autocast if asked for."""
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
+                                fused=fused_adamw_ok(model))  # as the trainer's
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
 
         def run() -> None:
