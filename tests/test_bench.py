@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kddetr.bench.kd_gain import ARCHS, VARIANTS, _final, _slug, ensure_teacher, main, table
+from kddetr.bench.kd_gain import ARCHS, VARIANTS, _final, _slug, ensure_teacher, main, run_variant, table
+from kddetr.errors import UserError
 from kddetr.config import BackboneConfig
 
 
@@ -67,6 +68,25 @@ def test_the_teacher_is_trained_first_unless_given(tmp_path, monkeypatch):
     assert checkpoint == tmp_path / "teacher" / "last"
     (args,) = calls
     assert args[3:5] == ["train", "configs/embedded_deformable_teacher.yaml"] and "train.max_steps=2" in args
+
+
+def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args, **kwargs):
+        calls.append(args)
+        run = Path(args[args.index("--out") + 1])
+        (run / "last").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "AP": 1.0}) + "\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    config, data = Path("configs/embedded_dino_student.yaml"), tmp_path / "data"
+    name = "KD-DETR general+specific"
+    first = run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1)
+    assert run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1) == first and len(calls) == 1
+    with pytest.raises(UserError, match="started by another command.*teacher_a"):
+        run_variant(name, config, tmp_path / "teacher_b", data, tmp_path, [], 1)
+    assert len(calls) == 1
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kddetr.errors import UserError
+
 # name -> (command, extra --set overrides); every student run shares the student config, schedule and seed.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "student (no KD)": ("train", []),
@@ -42,10 +44,22 @@ def run_variant(name: str, config: Path, teacher: Path, data: Path, out: Path, o
 
 def _run(command: str, slug: str, config: Path, data: Path, out: Path, overrides: Sequence[str], threads: int,
          teacher: Optional[Path] = None) -> Path:
-    """`kddetr train|distill` into `out/slug` (resumed if started, reused if finished); returns the run dir."""
+    """`kddetr train|distill` into `out/slug` (resumed if started, reused if finished); returns the run dir.
+
+    A run is only resumed or reused when it was started by the same command (config, data, teacher,
+    overrides), recorded in `out/slug.command.json`: another teacher must not pass for this one.
+    """
     run = out / slug
+    recipe = {"command": command, "config": str(config), "data": str(data),
+              "teacher": None if teacher is None else str(teacher), "overrides": list(overrides)}
+    record = out / f"{slug}.command.json"
+    if (run / "last").is_dir() and record.is_file() and json.loads(record.read_text()) != recipe:
+        raise UserError(f"{run}: started by another command ({record}: {record.read_text().strip()}); "
+                        "use another --out or delete the run")
     if (run / "metrics.jsonl").is_file() and (run / "last").is_dir() and _final(run).get("AP") is not None:
         return run  # reuse a finished run
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(recipe) + "\n")
     args = [sys.executable, "-m", "kddetr", command, str(config), "--data", str(data), "--out", str(run),
             "--no-progress"]
     if command == "distill":
