@@ -191,9 +191,12 @@ def kd_table(bench: Bench) -> str:
 
 def _sampled_groups(bench: Bench, distiller: Distiller) -> list[Queries]:
     """One draw of the distiller's point groups for the bench batch (fixed from then on)."""
+    student = distiller.student
     with torch.no_grad():
         memory = bench.teacher.encode(bench.images)
-        return [sampler(bench.images.batch_size, bench.device, bench.teacher, memory) for sampler in distiller.samplers]
+        own = student.encode(bench.images) if any(s.needs_student for s in distiller.samplers) else None
+        return [sampler(bench.images.batch_size, bench.device, bench.teacher, memory, student, own)
+                for sampler in distiller.samplers]
 
 
 def student_step_with_points(bench: Bench, distiller: Distiller) -> Step:
