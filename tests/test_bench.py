@@ -51,26 +51,9 @@ def test_each_arch_has_a_teacher_and_a_student_config_with_the_same_kd_block(arc
     assert count_parameters(student) < 0.7 * count_parameters(teacher)
 
 
-def test_the_teacher_is_trained_first_unless_given(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_run(args, **kwargs):
-        calls.append(args)
-        run = Path(args[args.index("--out") + 1])
-        (run / "last").mkdir(parents=True)
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    given = tmp_path / "mine"
-    assert ensure_teacher("dino", given, tmp_path / "data", tmp_path, [], 1) == given
-    assert ensure_teacher("dab_detr", None, tmp_path / "data", tmp_path, [], 1) == Path("assets/teacher")
-    assert calls == []
-    checkpoint = ensure_teacher("deformable_detr", None, tmp_path / "data", tmp_path, ["train.max_steps=2"], 1)
-    assert checkpoint == tmp_path / "teacher" / "last"
-    (args,) = calls
-    assert args[3:5] == ["train", "configs/embedded_deformable_teacher.yaml"] and "train.max_steps=2" in args
-
-
-def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """`subprocess.run` stubbed: records each command and leaves a finished run (last/, an evaluated epoch)."""
     calls = []
 
     def fake_run(args, **kwargs):
@@ -80,13 +63,28 @@ def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, monkeypatc
         (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "AP": 1.0}) + "\n")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
+    return calls
+
+
+def test_the_teacher_is_trained_first_unless_given(tmp_path, fake_runs):
+    given = tmp_path / "mine"
+    assert ensure_teacher("dino", given, tmp_path / "data", tmp_path, [], 1) == given
+    assert ensure_teacher("dab_detr", None, tmp_path / "data", tmp_path, [], 1) == Path("assets/teacher")
+    assert fake_runs == []
+    checkpoint = ensure_teacher("deformable_detr", None, tmp_path / "data", tmp_path, ["train.max_steps=2"], 1)
+    assert checkpoint == tmp_path / "teacher" / "last"
+    (args,) = fake_runs
+    assert args[3:5] == ["train", "configs/embedded_deformable_teacher.yaml"] and "train.max_steps=2" in args
+
+
+def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, fake_runs):
     config, data = Path("configs/embedded_dino_student.yaml"), tmp_path / "data"
     name = "KD-DETR general+specific"
     first = run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1)
-    assert run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1) == first and len(calls) == 1
+    assert run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1) == first and len(fake_runs) == 1
     with pytest.raises(UserError, match="started by another command.*teacher_a"):
         run_variant(name, config, tmp_path / "teacher_b", data, tmp_path, [], 1)
-    assert len(calls) == 1
+    assert len(fake_runs) == 1
 
 
 @pytest.mark.slow
