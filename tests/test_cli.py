@@ -12,11 +12,9 @@ TINY = str(Path(__file__).parent / "fixtures" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
+def flow(tmp_path_factory, synth_and_train):
     root = tmp_path_factory.mktemp("cli")
-    data, run = root / "data", root / "run"
-    assert main(["data", "synth", "--out", str(data), "--train", "8", "--val", "4", "--size", "64"]) == 0
-    assert main(["train", TINY, "--data", str(data), "--out", str(run), "--epochs", "1", "--no-progress"]) == 0
+    data, run = synth_and_train(root, "run")
     return root, data, run
 
 

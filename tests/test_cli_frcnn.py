@@ -1,13 +1,11 @@
 """The command line with a Faster R-CNN student: train, distil from a DAB-DETR teacher, eval, predict."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from kddetr.cli import main
 
-TINY = str(Path(__file__).parent / "fixtures" / "tiny.yaml")
 TINY_FRCNN = {
     "model": {"arch": "faster_rcnn", "backbone": {"name": "resnet10", "num_stages": 3}, "hidden_dim": 16,
               "num_feature_levels": 2, "anchor_sizes": [8, 16, 32], "num_queries": 20, "roi_batch_size": 32,
@@ -19,11 +17,9 @@ TINY_FRCNN = {
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, synth_and_train):
     root = tmp_path_factory.mktemp("cli_frcnn")
-    data, teacher = root / "data", root / "teacher"
-    assert main(["data", "synth", "--out", str(data), "--train", "8", "--val", "4", "--size", "64"]) == 0
-    assert main(["train", TINY, "--data", str(data), "--out", str(teacher), "--epochs", "1", "--no-progress"]) == 0
+    data, teacher = synth_and_train(root, "teacher")
     config = root / "frcnn.yaml"
     config.write_text(yaml.safe_dump(TINY_FRCNN))
     return root, data, teacher, str(config)
