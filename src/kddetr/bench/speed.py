@@ -177,8 +177,9 @@ def kd_table(bench: Bench) -> str:
         other = Distiller(bench.student(channels_last=layout), other_teacher,
                           build_criterion(bench.cfg.model, bench.num_classes), bench.cfg.kd)
         fns[f"KD step ({default}, channels_last={layout})"] = kd_step(other.train(), default)
-    parts = {"part: student step decoding the points too": student_step_with_points(bench, distiller),
-             "part: teacher forward over the points": teacher_points_forward(bench, distiller)}
+    groups = _sampled_groups(bench, distiller)
+    parts = {"part: student step decoding the points too": student_step_with_points(bench, distiller, groups),
+             "part: teacher forward over the points": teacher_points_forward(bench, distiller, groups)}
     t = bench.times(fns | parts)
     base = t["student step"] + t["teacher forward"]
     rows = [(name, seconds, seconds / base) for name, seconds in t.items()]
@@ -199,9 +200,9 @@ def _sampled_groups(bench: Bench, distiller: Distiller) -> list[Queries]:
                 for sampler in distiller.samplers]
 
 
-def student_step_with_points(bench: Bench, distiller: Distiller) -> Step:
+def student_step_with_points(bench: Bench, distiller: Distiller, groups: list[Queries]) -> Step:
     """The student's train step with the distillation groups decoded beside its queries; no KD loss."""
-    student, groups = distiller.student, _sampled_groups(bench, distiller)
+    student = distiller.student
     criterion = build_criterion(bench.cfg.model, bench.num_classes)
 
     def loss() -> Tensor:
@@ -211,10 +212,8 @@ def student_step_with_points(bench: Bench, distiller: Distiller) -> Step:
     return bench.train_step(student, loss)
 
 
-def teacher_points_forward(bench: Bench, distiller: Distiller) -> Step:
+def teacher_points_forward(bench: Bench, distiller: Distiller, groups: list[Queries]) -> Step:
     """The teacher's encoder and its decoding of the distillation groups (its targets), no grad."""
-    groups = _sampled_groups(bench, distiller)
-
     def run() -> None:
         with torch.no_grad(), bench.autocast():
             distiller.teacher_decode(bench.teacher.encode(bench.images), groups)
@@ -261,7 +260,8 @@ def hf_table(bench: Bench) -> str:
 
         ours.train(), hf.train()
         train = bench.times({"ours": bench.train_step(ours, ours_loss), "hf": bench.train_step(hf, hf_loss)})
-        ours.backbone.requires_grad_(False), hf.model.backbone.requires_grad_(False)  # the transformers' share
+        for model in (ours.backbone, hf.model.backbone):  # the transformers' share of the train step
+            model.requires_grad_(False)
         frozen = bench.times({"ours": bench.train_step(ours, ours_loss), "hf": bench.train_step(hf, hf_loss)})
         ours.eval(), hf.eval()
         infer = bench.times({"ours": ours_infer, "hf": hf_infer})
