@@ -27,8 +27,8 @@ DEMO_EPOCHS ?= 4
 TEACHER ?= assets/teacher
 
 demo: install
-	test -f $(DEMO_DATA)/annotations/instances_val.json || \
-		$(BIN)/kddetr data synth --out $(DEMO_DATA) --train 2000 --val 200 --size 128 --seed 0
+	test -f $(DEMO_DATA)/annotations/instances_test.json || \
+		{ rm -rf $(DEMO_DATA) && $(BIN)/kddetr data synth --out $(DEMO_DATA) --train 2000 --val 200 --test 500 --size 128 --seed 0; }
 	test -f $(TEACHER)/model.safetensors || \
 		{ $(BIN)/kddetr train configs/embedded_teacher.yaml --data $(DEMO_DATA) --out runs/teacher && \
 		  mkdir -p $(dir $(TEACHER)) && cp -r runs/teacher/last $(TEACHER) && rm -f $(TEACHER)/trainer_state.pt; }

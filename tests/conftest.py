@@ -60,13 +60,14 @@ def make_coco(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def synth_and_train() -> Callable[[Path, str], tuple[Path, Path]]:
-    """Through the CLI: `data synth` (8 + 4 images, 64 px) into `root/data`, one epoch of the tiny DAB-DETR
+    """Through the CLI: `data synth` (8 + 4 + 3 images, 64 px) into `root/data`, one epoch of the tiny DAB-DETR
     (`tests/fixtures/tiny.yaml`) into `root/run_name`; returns (data, run)."""
     from kddetr.cli import main
 
     def make(root: Path, run_name: str) -> tuple[Path, Path]:
         data, run = root / "data", root / run_name
-        assert main(["data", "synth", "--out", str(data), "--train", "8", "--val", "4", "--size", "64"]) == 0
+        assert main(["data", "synth", "--out", str(data), "--train", "8", "--val", "4", "--test", "3",
+                     "--size", "64"]) == 0
         tiny = str(Path(__file__).parent / "fixtures" / "tiny.yaml")
         assert main(["train", tiny, "--data", str(data), "--out", str(run), "--epochs", "1", "--no-progress"]) == 0
         return data, run

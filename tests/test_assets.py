@@ -14,15 +14,17 @@ BACKBONE = ROOT / "assets" / "backbone" / "resnet10_s3.safetensors"
 
 
 @pytest.fixture(scope="module")
-def embedded_val(tmp_path_factory):
+def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded")
-    generate(root, num_train=1, num_val=200, size=128, seed=0)  # the val split of `make demo`, byte for byte
+    # the val and test splits of `make demo`, byte for byte
+    generate(root, num_train=1, num_val=200, size=128, seed=0, num_test=500)
     return root
 
 
-def test_committed_teacher_reproduces_recorded_ap(embedded_val):
-    recorded = json.loads((TEACHER / "val_metrics.json").read_text())
-    metrics = evaluate_checkpoint(TEACHER, embedded_val, "val", None, progress=False)
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_committed_teacher_reproduces_recorded_ap(embedded, split):
+    recorded = json.loads((TEACHER / f"{split}_metrics.json").read_text())
+    metrics = evaluate_checkpoint(TEACHER, embedded, split, None, progress=False)
     assert abs(metrics["AP"] - recorded["AP"]) <= 0.5
     assert abs(metrics["AP50"] - recorded["AP50"]) <= 0.5
 

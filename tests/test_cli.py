@@ -46,6 +46,27 @@ def test_train_eval_predict_plot(flow, capsys):
     assert timed.stat().st_size > 10_000
 
 
+def test_eval_on_the_test_split_scores_the_checkpoints_num_select(flow, tmp_path):
+    import shutil
+
+    import yaml
+
+    _, data, run = flow
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "best", ckpt)
+    config = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert config["model"]["num_select"] == 0  # the architecture's default: 300 (query, class) pairs for DAB-DETR
+    out = tmp_path / "default" / "metrics.json"
+    assert main(["eval", str(ckpt), "--data", str(data), "--split", "test", "--out", str(out), "--no-progress"]) == 0
+    per_image = len(json.loads((out.parent / "results.json").read_text())) / 3
+    assert per_image == 10 * 10  # all of the tiny model's 10 queries x 10 classes (< 300)
+    config["model"]["num_select"] = 7
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "seven" / "metrics.json"
+    assert main(["eval", str(ckpt), "--data", str(data), "--split", "test", "--out", str(out), "--no-progress"]) == 0
+    assert len(json.loads((out.parent / "results.json").read_text())) == 7 * 3
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--set", "model.hiden_dim=3"], "Did you mean 'hidden_dim'"),
     (["--set", "train.lr=abc"], "expected a number"),

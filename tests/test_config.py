@@ -21,6 +21,15 @@ def test_defaults_follow_the_paper():
     assert (cfg.model.loss.cls_weight, cfg.model.loss.bbox_weight, cfg.model.loss.giou_weight) == (1.0, 5.0, 2.0)
 
 
+@pytest.mark.parametrize("arch,expected", [("dab_detr", 300), ("dino", 300), ("deformable_detr", 100),
+                                           ("faster_rcnn", 100)])
+def test_detections_scored_per_image_follow_each_reference_unless_set(arch, expected):
+    from kddetr.models.build import num_select
+
+    assert num_select(load_config(None, [f"model.arch={arch}"]).model) == expected
+    assert num_select(load_config(None, [f"model.arch={arch}", "model.num_select=50"]).model) == 50
+
+
 def test_unknown_key_names_file_and_suggests(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  hiden_dim: 64\n")
@@ -41,6 +50,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("nope.x=1", "unknown key 'nope'"),
     ("train.amp=maybe", "true/false"),
     ("train.lr", "expected key=value"),
+    ("model.num_select=-1", "num_select: must be >= 0"),
 ])
 def test_bad_values_raise_one_clear_error(override, fragment):
     with pytest.raises(UserError, match=fragment):

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="generate the embedded COCO-format dataset")
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--train", type=int, default=2000, help="training images")
-    synth.add_argument("--val", type=int, default=200, help="validation images")
+    synth.add_argument("--val", type=int, default=200, help="validation images (every choice is made on val)")
+    synth.add_argument("--test", type=int, default=500, help="held-out test images (results are reported on test)")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--difficulty", default="easy", help="easy | hard")
@@ -54,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="COCO AP of a checkpoint")
     ev.add_argument("checkpoint", type=Path)
     ev.add_argument("--data", type=Path, required=True)
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--split", default="val", help="val, or test: the held-out split results are reported on")
     ev.add_argument("--out", type=Path, default=None, help="metrics JSON (results.json is written beside it)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pr = sub.add_parser("predict", help="draw detections on images")
     pr.add_argument("checkpoint", type=Path)
@@ -78,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD overhead, vs HF, inference, memory, scaling tables)")
-    bench.add_argument("name", choices=["kd", "speed"])
+    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD overhead, vs HF, inference, "
+                                         "memory, scaling tables), report (README tables from committed records)")
+    bench.add_argument("name", choices=["kd", "speed", "report"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
@@ -95,7 +98,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
         from kddetr.data.synth import generate
         summary = generate(args.out, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed,
-                           difficulty=args.difficulty)
+                           difficulty=args.difficulty, num_test=args.test)
     else:
         from kddetr.data.deepforest import convert
         summary = convert(args.out, cache_dir=args.cache, tile_size=args.tile_size)
@@ -133,7 +136,8 @@ def cmd_train(args: argparse.Namespace, distill: bool = False) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from kddetr.engine.runner import evaluate_checkpoint
-    evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, args.batch_size, args.device)
+    evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, args.batch_size, args.device,
+                        progress=not args.no_progress)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -157,8 +161,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from kddetr.bench import kd_gain, speed
-    {"kd": kd_gain, "speed": speed}[args.name].main(args.bench_args)
+    from kddetr.bench import kd_gain, report, speed
+    code = {"kd": kd_gain, "speed": speed, "report": report}[args.name].main(args.bench_args)
+    if code:
+        raise SystemExit(code)
 
 
 COMMANDS = {"data": cmd_data, "train": cmd_train, "distill": lambda a: cmd_train(a, distill=True),

@@ -87,6 +87,9 @@ class ModelConfig:
     anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     roi_batch_size: int = 512
     roi_head_dim: int = 1024
+    # (query, class) pairs scored per image at evaluation and prediction; 0: the architecture's default
+    # (300 for DAB-DETR and DINO, 100 for Deformable DETR and Faster R-CNN, as their reference code)
+    num_select: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
 
@@ -268,6 +271,8 @@ def validate(obj: Any, where: str = "config") -> None:
             raise UserError(f"{where}.{f.name}: must be > 0, got {value}")
     if isinstance(obj, ModelConfig) and obj.hidden_dim % obj.num_heads:
         raise UserError(f"{where}.hidden_dim: {obj.hidden_dim} is not divisible by num_heads={obj.num_heads}")
+    if isinstance(obj, ModelConfig) and obj.num_select < 0:
+        raise UserError(f"{where}.num_select: must be >= 0 (0: the architecture's default), got {obj.num_select}")
     if isinstance(obj, BackboneConfig) and not 1 <= obj.num_stages <= 4:
         raise UserError(f"{where}.num_stages: must be 1..4, got {obj.num_stages}")
 

@@ -123,6 +123,18 @@ def test_box_is_the_tight_box_of_the_ink(monkeypatch):
         assert abs(cols[-1] + 1 - (x + w)) <= 1 and abs(rows[-1] + 1 - (y + h)) <= 1
 
 
+def test_test_split_has_its_own_stream_and_leaves_train_and_val_unchanged(tmp_path):
+    synth.generate(tmp_path / "without", 4, 3, seed=5)
+    summary = synth.generate(tmp_path / "with", 4, 3, seed=5, num_test=6)
+    without, with_test = files(tmp_path / "without"), files(tmp_path / "with")
+    assert all(with_test[k] == v for k, v in without.items())  # train and val byte for byte
+    test_images = {k: v for k, v in with_test.items() if k.startswith("images/test/")}
+    assert len(test_images) == 6 == summary["test"]["images"] and summary["test"]["annotations"] > 0
+    val_images = [v for k, v in with_test.items() if k.startswith("images/val/")]
+    assert not set(test_images.values()) & set(val_images)  # another seed stream than val's, not a copy
+    assert COCO(str(tmp_path / "with" / "annotations" / "instances_test.json")).getImgIds() == list(range(1, 7))
+
+
 def test_val_pastes_other_handwriting_than_train(tmp_path, monkeypatch):
     pools = []  # one per split, train first
     render = synth.render
@@ -133,10 +145,11 @@ def test_val_pastes_other_handwriting_than_train(tmp_path, monkeypatch):
         return render(rng, size, difficulty, pool)
 
     monkeypatch.setattr(synth, "render", spy)
-    synth.generate(tmp_path, 2, 2)
+    synth.generate(tmp_path, 2, 2, num_test=2)
     labels = synth._digits()[1]
-    train, val = pools
+    train, val, test = pools
     assert set(train).isdisjoint(val) and len(train) + len(val) == len(labels)
+    assert np.array_equal(val, test)  # test, like val, measures handwriting that training never saw
     assert np.bincount(labels[val], minlength=10).min() > 50  # every digit appears in val
 
 
@@ -145,6 +158,8 @@ def test_bad_arguments_raise_user_errors(tmp_path):
         synth.generate(tmp_path / "a", 2, 1, difficulty="medium")
     with pytest.raises(UserError, match="size"):
         synth.generate(tmp_path / "b", 2, 1, size=8)
+    with pytest.raises(UserError, match="test >= 0"):
+        synth.generate(tmp_path / "b", 2, 1, num_test=-1)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):

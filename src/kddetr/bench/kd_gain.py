@@ -8,9 +8,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
+
+from kddetr.bench import records
 from kddetr.errors import UserError
 
 # name -> (command, extra --set overrides); every student run shares the student config, schedule and seed.
@@ -23,6 +27,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "KD-DETR general+specific": ("distill", []),
 }
 DEMO_VARIANTS = ("student (no KD)", "KD-DETR general+specific")
+SEEDED_VARIANTS = DEMO_VARIANTS  # the rows a claim rests on: run under every --seeds seed
 # arch -> (teacher config, student config, trained teacher checkpoint or None: trained first into OUT/teacher)
 ARCHS: dict[str, tuple[Path, Path, Optional[Path]]] = {
     "dab_detr": (Path("configs/embedded_teacher.yaml"), Path("configs/embedded_student.yaml"), Path("assets/teacher")),
@@ -36,10 +41,63 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
 
 
+@dataclass(frozen=True)
+class Row:
+    """One run of the benchmark: a variant, under a training seed (None: the config's seed)."""
+    variant: str
+    seed: Optional[int] = None
+
+    @property
+    def slug(self) -> str:
+        return _slug(self.variant) + ("" if self.seed is None else f"_seed{self.seed}")
+
+
+def plan_rows(variants: Sequence[str], seeds: Sequence[int], seeded: Sequence[str]) -> list[Row]:
+    """In the order of `variants`: each under the first seed, the `seeded` ones under every seed."""
+    if not seeds:
+        return [Row(v) for v in variants]
+    return [Row(v, s) for v in variants for s in (seeds if v in seeded else seeds[:1])]
+
+
+def schedule_overrides(schedule: str, teacher: Path) -> list[str]:
+    """`full`: the teacher's epochs and learning-rate drop (from its checkpoint's config.yaml), evaluated every
+    2 epochs for the curves; `short`: the student config's own schedule."""
+    if schedule == "short":
+        return []
+    config = teacher / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{config}: not found; --schedule full takes the teacher checkpoint's schedule from it")
+    train = (yaml.safe_load(config.read_text()) or {}).get("train", {})
+    if "epochs" not in train:
+        raise UserError(f"{config}: train.epochs missing; --schedule full needs the teacher's schedule")
+    drops = ",".join(str(e) for e in train.get("lr_drop_epochs", []))
+    return [f"train.epochs={train['epochs']}", f"train.lr_drop_epochs=[{drops}]", "train.eval_every=2"]
+
+
+def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
+            threads: int) -> Path:
+    command, extra = VARIANTS[row.variant]
+    seed = [] if row.seed is None else [f"train.seed={row.seed}"]
+    run = _run(command, row.slug, config, data, out, [*overrides, *seed, *extra], threads, teacher)
+    evaluate_split(run / "last", data, "test", run / "test" / "metrics.json", threads)
+    return run
+
+
 def run_variant(name: str, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
                 threads: int) -> Path:
-    command, extra = VARIANTS[name]
-    return _run(command, _slug(name), config, data, out, [*overrides, *extra], threads, teacher)
+    return run_row(Row(name), config, teacher, data, out, overrides, threads)
+
+
+def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads: int) -> Optional[dict]:
+    """`kddetr eval` of `checkpoint` on `split` into `out` (kept when already there); None when the data has no
+    such split."""
+    if not (data / "annotations" / f"instances_{split}.json").is_file():
+        return None
+    if not out.is_file():
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        subprocess.run([sys.executable, "-m", "kddetr", "eval", str(checkpoint), "--data", str(data), "--split",
+                        split, "--out", str(out), "--no-progress"], check=True, stdout=subprocess.DEVNULL, env=env)
+    return json.loads(out.read_text())
 
 
 def _run(command: str, slug: str, config: Path, data: Path, out: Path, overrides: Sequence[str], threads: int,
@@ -112,7 +170,7 @@ def table(rows: list[tuple[str, dict, float]], teacher_metrics: Optional[dict]) 
     return "\n".join(lines)
 
 
-def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], out: Path) -> None:
+def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], out: Path, split: str = "val") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +184,7 @@ def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], 
         ax.axvline(teacher_ap, color="#e6194b", ls="--", label=f"teacher {teacher_ap:.1f}")
         ax.legend(loc="lower right")
     ax.invert_yaxis()
-    ax.set_xlabel("COCO AP (%) on the val split")
+    ax.set_xlabel(f"COCO AP (%) on the {split} split")
     ax.set_title("Same student, schedule and seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -141,36 +199,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--teacher", type=Path, help="teacher checkpoint (default: assets/teacher for dab_detr, "
                                                  "else trained from the arch's teacher config into OUT/teacher)")
     p.add_argument("--config", type=Path, help="student config (default: the arch's)")
-    p.add_argument("--out", type=Path, help="default: runs/bench_kd (dab_detr), runs/bench_kd_ARCH")
+    p.add_argument("--out", type=Path, help="default: runs/bench_kd[_full] (dab_detr), runs/bench_kd_ARCH[_full]")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--demo", action="store_true", help="only the no-KD student and KD-DETR")
+    p.add_argument("--schedule", choices=("short", "full"), default="short",
+                   help="short: the student config's schedule; full: the teacher's (epochs and lr drop)")
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="training seeds: every variant runs under the first, no-KD and KD-DETR general+specific "
+                        "under all (default: 0 1 for --schedule full, the config's seed otherwise)")
+    p.add_argument("--records", type=Path, help="copy each finished run's records (config, metrics, test AP; no "
+                                                 "weights) here, for `kddetr bench report`")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each gets threads/jobs threads)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every run (a teacher trained here included)")
     args = p.parse_args(argv)
     variants = list(DEMO_VARIANTS) if args.demo else args.variants
+    seeds = args.seeds if args.seeds is not None else ([0, 1] if args.schedule == "full" else [])
+    rows = plan_rows(variants, seeds, SEEDED_VARIANTS)
     config = args.config or ARCHS[args.arch][1]
-    args.out = args.out or Path("runs/bench_kd" if args.arch == "dab_detr" else f"runs/bench_kd_{args.arch}")
+    suffix = "" if args.schedule == "short" else "_full"
+    args.out = args.out or Path(("runs/bench_kd" if args.arch == "dab_detr" else f"runs/bench_kd_{args.arch}") + suffix)
     args.out.mkdir(parents=True, exist_ok=True)
     threads = max(1, args.threads // args.jobs)
     start = time.time()
     args.teacher = ensure_teacher(args.arch, args.teacher, args.data, args.out, args.overrides, args.threads)
+    overrides = [*schedule_overrides(args.schedule, args.teacher), *args.overrides]
+    teacher_metrics = {split: evaluate_split(args.teacher, args.data, split, args.out / f"teacher_{split}" /
+                                             "metrics.json", args.threads) for split in ("val", "test")}
+    if args.records:
+        records.save_manifest(args.records, arch=args.arch, schedule=args.schedule, rows=rows,
+                              teacher=teacher_metrics, argv=list(argv if argv is not None else sys.argv[1:]))
+
+    def work(row: Row) -> Path:
+        run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads)
+        if args.records:
+            records.save_run(run, args.records / row.slug)
+        return run
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(lambda n: run_variant(n, config, args.teacher, args.data, args.out,
-                                                   args.overrides, threads), variants))
-    rows = [(name, _final(run), _steps_time(run)) for name, run in zip(variants, runs)]
-    teacher_file = args.out / "teacher_metrics.json"
-    if not teacher_file.is_file():
-        subprocess.run([sys.executable, "-m", "kddetr", "eval", str(args.teacher), "--data", str(args.data),
-                        "--out", str(teacher_file)], check=True, stdout=subprocess.DEVNULL)
-    teacher_metrics = json.loads(teacher_file.read_text())
-    md = table(rows, teacher_metrics)
+        runs = list(pool.map(work, rows))
+    split = "test" if teacher_metrics["test"] is not None else "val"
+    results = [(f"{row.variant}" + ("" if row.seed is None else f", seed {row.seed}"),
+                _test_or_final(run, split), _steps_time(run)) for row, run in zip(rows, runs)]
+    md = table(results, teacher_metrics[split])
     (args.out / "table.md").write_text(md + "\n")
-    bar_chart(rows, teacher_metrics.get("AP"), args.out / "kd_gain.png")
-    print(md)
+    bar_chart(results, teacher_metrics[split].get("AP"), args.out / "kd_gain.png", split)
+    print(f"COCO AP on the {split} split\n\n{md}")
     print(f"\n{len(rows)} runs in {(time.time() - start) / 60:.1f} min; table.md and kd_gain.png in {args.out}")
     return 0
+
+
+def _test_or_final(run: Path, split: str) -> dict:
+    return json.loads((run / "test" / "metrics.json").read_text()) if split == "test" else _final(run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from PIL import Image
 
 from kddetr.errors import UserError
 
-SPLITS = {"train": 0, "val": 1}  # image i of a split draws from the stream (seed, SPLITS[split], i)
+SPLITS = {"train": 0, "val": 1, "test": 2}  # image i of a split draws from the stream (seed, SPLITS[split], i)
 # Bundled with scikit-image (no download). `page` and `text` are left out: they show digits nobody labelled.
 PHOTOS = (
     "astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
@@ -189,27 +189,30 @@ def generate(
     size: int = 128,
     seed: int = 0,
     difficulty: str = "easy",
+    num_test: int = 0,
 ) -> dict:
-    """Write a COCO dataset to `out_dir` (images/{train,val}/*.jpg, annotations/instances_{split}.json).
+    """Write a COCO dataset to `out_dir` (images/{train,val,test}/*.jpg, annotations/instances_{split}.json).
 
-    Image i of a split depends only on (seed, split, i). Val pastes every fifth MNIST digit and train
-    the others, so val measures unseen handwriting.
+    Image i of a split depends only on (seed, split, i), so adding a test split leaves train and val as they
+    were. Val and test paste every fifth MNIST digit and train the others, so both measure unseen handwriting;
+    test is the held-out split that no choice is made on.
     Returns {split: {images, annotations, small, medium, large, occluded}}.
     """
     if difficulty not in DIFFICULTIES:
         raise UserError(f"difficulty: {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
-    if num_train < 1 or num_val < 0 or size < 32 or seed < 0:
-        raise UserError(
-            f"synth: need train >= 1, val >= 0, size >= 32, seed >= 0 (got {num_train}, {num_val}, {size}, {seed})"
-        )
+    if num_train < 1 or num_val < 0 or num_test < 0 or size < 32 or seed < 0:
+        raise UserError(f"synth: need train >= 1, val >= 0, test >= 0, size >= 32, seed >= 0 "
+                        f"(got {num_train}, {num_val}, {num_test}, {size}, {seed})")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty")
     spec = DIFFICULTIES[difficulty]
     is_val_digit = np.arange(len(_digits()[1])) % 5 == 0
     summary = {}
-    for split, count in (("train", num_train), ("val", num_val)):
-        pool = np.flatnonzero(is_val_digit == (split == "val"))
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+        if split == "test" and not count:
+            continue
+        pool = np.flatnonzero(is_val_digit == (split != "train"))
         image_dir = out_dir / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations, occluded = [], [], 0

@@ -14,6 +14,7 @@ from kddetr.engine.checkpoint import load_checkpoint
 from kddetr.engine.evaluate import evaluate, print_metrics_table
 from kddetr.engine.train import DetectionObjective, Trainer, load_datasets, make_loader, seed_everything
 from kddetr.errors import UserError
+from kddetr.models.build import num_select
 
 
 def check_device(device: str) -> None:
@@ -86,7 +87,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, out: Optio
         _check_categories(str(checkpoint), ckpt.dataset.category_ids, dataset.category_ids)
         sampler = DistributedSampler(dataset, shuffle=False) if dist.world_size() > 1 else None
         loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers, sampler, torch_device)
-        metrics, results = evaluate(ckpt.model, loader, dataset, torch_device,
+        metrics, results = evaluate(ckpt.model, loader, dataset, torch_device, top_k=num_select(ckpt.config.model),
                                     progress=progress and dist.is_main_process())
         if not dist.is_main_process():
             return metrics

@@ -26,6 +26,7 @@ from kddetr.engine.checkpoint import (DatasetInfo, load_state_dict_file, load_tr
 from kddetr.engine.diagnostics import collapse_stats
 from kddetr.engine.evaluate import evaluate
 from kddetr.errors import UserError
+from kddetr.models.build import num_select
 from kddetr.models.protocol import DetectorOutput, ImageBatch
 
 LossDict = dict[str, Tensor]
@@ -273,7 +274,8 @@ class Trainer:
         sampler = DistributedSampler(self.val_set, shuffle=False) if dist.world_size() > 1 else None
         loader = make_loader(self.val_set, self.cfg.train.batch_size, False, self.cfg.data.num_workers, sampler,
                              self.device)
-        metrics, _ = evaluate(self.student, loader, self.val_set, self.device, progress=self.progress)
+        metrics, _ = evaluate(self.student, loader, self.val_set, self.device, top_k=num_select(self.cfg.model),
+                              progress=self.progress)
         return metrics
 
     def fit(self, resume: bool = False) -> dict[str, Any]:

@@ -27,6 +27,15 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     raise UserError(f"model.arch: unknown architecture {cfg.arch!r}")
 
 
+# (query, class) pairs each reference implementation scores per image at evaluation (`num_select` / top-k)
+DEFAULT_NUM_SELECT = {"dab_detr": 300, "dino": 300, "deformable_detr": 100, "faster_rcnn": 100}
+
+
+def num_select(cfg: ModelConfig) -> int:
+    """Detections kept per image at evaluation: `cfg.num_select`, or the architecture's default when 0."""
+    return cfg.num_select or DEFAULT_NUM_SELECT[cfg.arch]
+
+
 def build_criterion(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.arch == "faster_rcnn":  # torchvision's losses, computed in the detector's forward
         from kddetr.models.faster_rcnn import RCNNCriterion

@@ -1,0 +1,108 @@
+"""Benchmark run records: what is committed of each run (config, per-epoch metrics, test AP; never weights)."""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from kddetr.errors import UserError
+
+MANIFEST = "bench.json"
+# file in the run directory -> file in its record
+RUN_FILES = {"config.yaml": "config.yaml", "metrics.jsonl": "metrics.jsonl", "test/metrics.json": "test_metrics.json"}
+
+
+def save_manifest(root: Path, arch: str, schedule: str, rows: Sequence[Any], teacher: dict[str, Optional[dict]],
+                  argv: Sequence[str]) -> None:
+    """`root/bench.json`: the benchmark's command, its planned rows (variant, seed, slug) and the teacher's AP."""
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {"command": "kddetr bench kd " + shlex.join(argv), "arch": arch, "schedule": schedule,
+                "rows": [{"variant": r.variant, "seed": r.seed, "slug": r.slug} for r in rows],
+                "teacher": teacher}
+    _write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def save_run(run: Path, dest: Path) -> None:
+    """Copy a finished run's records into `dest` (each file written whole: a kill leaves the old one)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for source, name in RUN_FILES.items():
+        if (run / source).is_file():
+            _write(dest / name, (run / source).read_text())
+    command = run.parent / f"{run.name}.command.json"
+    if command.is_file():
+        _write(dest / "command.json", command.read_text())
+
+
+def _write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+@dataclass
+class RunRecord:
+    """One committed run: its per-epoch records (val AP where evaluated) and its final test AP."""
+    variant: str
+    seed: Optional[int]
+    slug: str
+    epochs: list[dict] = field(default_factory=list)
+    test: Optional[dict] = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.test is not None
+
+    @property
+    def final_val(self) -> dict:
+        evaluated = [r for r in self.epochs if "AP" in r]
+        return evaluated[-1] if evaluated else {}
+
+    @property
+    def steps(self) -> int:
+        return self.epochs[-1]["step"] if self.epochs else 0
+
+    @property
+    def s_per_step(self) -> float:
+        times = [r["s_per_step"] for r in self.epochs if "s_per_step" in r]
+        return statistics.median(times) if times else float("nan")
+
+    @property
+    def label(self) -> str:
+        return self.variant + ("" if self.seed is None else f", seed {self.seed}")
+
+
+@dataclass
+class Bench:
+    """A benchmark's records: its manifest and one `RunRecord` per planned row (empty where not run yet)."""
+    name: str
+    command: str
+    arch: str
+    schedule: str
+    teacher: dict[str, Optional[dict]]
+    runs: list[RunRecord]
+
+
+def load_bench(root: Path) -> Bench:
+    manifest_file = root / MANIFEST
+    if not manifest_file.is_file():
+        raise UserError(f"{manifest_file}: not found; not a benchmark records directory")
+    manifest = json.loads(manifest_file.read_text())
+    runs = []
+    for row in manifest["rows"]:
+        record = RunRecord(row["variant"], row["seed"], row["slug"])
+        folder = root / row["slug"]
+        if (folder / "metrics.jsonl").is_file():
+            record.epochs = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        if (folder / "test_metrics.json").is_file():
+            record.test = json.loads((folder / "test_metrics.json").read_text())
+        if (folder / "config.yaml").is_file():
+            record.config = yaml.safe_load((folder / "config.yaml").read_text())
+        runs.append(record)
+    return Bench(root.name, manifest["command"], manifest["arch"], manifest["schedule"], manifest["teacher"], runs)

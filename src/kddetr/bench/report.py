@@ -1,0 +1,179 @@
+"""`kddetr bench report`: every results table and curve of the README, regenerated from committed run records."""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from kddetr.bench.records import MANIFEST, Bench, RunRecord, load_bench
+from kddetr.errors import UserError
+
+KEYS = ("AP", "AP50", "AP75", "APs", "APm")
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "–" if value is None or value < 0 else f"{value:.1f}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def results_table(bench: Bench) -> str:
+    """The benchmark's markdown table (test AP, the last val AP beside it) and its gains, from the records only."""
+    split = "test" if bench.teacher.get("test") else "val"
+    header = f"| model | seed | {split} AP | " + " | ".join(KEYS[1:]) + " | val AP | steps | s/step |"
+    lines = [header, "|---|---|" + "---:|" * (len(KEYS) + 3)]
+    teacher = bench.teacher.get(split) or {}
+    lines.append("| teacher | – | " + " | ".join(_fmt(teacher.get(k)) for k in KEYS)
+                 + f" | {_fmt((bench.teacher.get('val') or {}).get('AP'))} | – | – |")
+    for variant in dict.fromkeys(r.variant for r in bench.runs):
+        runs = [r for r in bench.runs if r.variant == variant]
+        for run in runs:
+            lines.append(_run_line(run, split))
+        done = [r for r in runs if r.finished]
+        if len(runs) > 1 and len(done) == len(runs):
+            means = {k: _mean([_split_metrics(r, split)[k] for r in done]) for k in KEYS}
+            val = _mean([r.final_val.get("AP", 0.0) for r in done])
+            seeds = ", ".join(str(r.seed) for r in done)
+            lines.append(f"| **{variant}** | mean of {seeds} | " + " | ".join(f"**{_fmt(means[k])}**" if k == "AP"
+                         else _fmt(means[k]) for k in KEYS) + f" | {_fmt(val)} | {done[0].steps} | – |")
+    return "\n".join(lines + ["", *gains(bench, split)])
+
+
+def _split_metrics(run: RunRecord, split: str) -> dict:
+    return (run.test if split == "test" else run.final_val) or {}
+
+
+def _run_line(run: RunRecord, split: str) -> str:
+    seed = "config" if run.seed is None else str(run.seed)
+    if not run.finished:
+        state = f"running: {run.steps} steps recorded" if run.epochs else "not run yet"
+        return f"| {run.variant} | {seed} | {state} |" + " |" * (len(KEYS) + 2)
+    m = _split_metrics(run, split)
+    return (f"| {run.variant} | {seed} | " + " | ".join(_fmt(m.get(k)) for k in KEYS)
+            + f" | {_fmt(run.final_val.get('AP'))} | {run.steps} | {run.s_per_step:.3f} |")
+
+
+def _seed_aps(bench: Bench, variant: str, split: str) -> Optional[dict[Optional[int], float]]:
+    """AP of a variant per seed (None when any of its runs is unfinished)."""
+    runs = [r for r in bench.runs if r.variant == variant]
+    if not runs or not all(r.finished for r in runs):
+        return None
+    return {r.seed: _split_metrics(r, split)["AP"] for r in runs}
+
+
+def gains(bench: Bench, split: str) -> list[str]:
+    """KD-DETR (general+specific) against no KD, Hungarian KD and the teacher, on the seeds both rows share."""
+    kd = _seed_aps(bench, "KD-DETR general+specific", split)
+    if kd is None:
+        return ["KD-DETR general+specific: not finished yet."]
+    lines = []
+    for other in ("student (no KD)", "Hungarian KD"):
+        base = _seed_aps(bench, other, split)
+        common = [s for s in kd if base is not None and s in base]
+        if common:
+            gain = _mean([kd[s] - base[s] for s in common])  # type: ignore[index]
+            per_seed = ", ".join(f"{kd[s] - base[s]:+.1f}" for s in common)  # type: ignore[index]
+            lines.append(f"- KD-DETR general+specific − {other}: **{gain:+.1f} AP** on {split} "
+                         + (f"(mean of seeds {', '.join(map(str, common))}: {per_seed})" if len(common) > 1
+                            else f"(seed {common[0]})"))
+    teacher = (bench.teacher.get(split) or {}).get("AP")
+    if teacher is not None:
+        lines.append(f"- teacher − KD-DETR general+specific: {teacher - _mean(list(kd.values())):.1f} AP on {split}"
+                     + (" (mean over seeds)" if len(kd) > 1 else ""))
+    return lines
+
+
+def curves(bench: Bench, out: Path) -> Path:
+    """Val AP against optimiser steps and against training minutes, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for run in bench.runs:
+        points = [r for r in run.epochs if "AP" in r]
+        if not points:
+            continue
+        style = "--" if run.seed not in (None, 0) else "-"
+        for ax, x in zip(axes, ([r["step"] for r in points], [r["time_s"] / 60 for r in points])):
+            ax.plot(x, [r["AP"] for r in points], style, marker=".", label=run.label)
+    teacher_val = (bench.teacher.get("val") or {}).get("AP")
+    for ax, xlabel in zip(axes, ("optimiser steps", "training minutes (1 thread, shared cores)")):
+        if teacher_val is not None:
+            ax.axhline(teacher_val, color="#e6194b", ls=":", label=f"teacher {teacher_val:.1f}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("COCO AP (%) on val")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{bench.name}: {bench.arch}, {bench.schedule} schedule", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def block(bench: Bench) -> str:
+    """What the README holds between a benchmark's markers: its command and its table."""
+    return f"```bash\n{bench.command}\n```\n\n{results_table(bench)}\n"
+
+
+def find_benches(roots: Sequence[Path]) -> dict[str, Bench]:
+    benches = {}
+    for root in roots:
+        folders = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+        if not folders:
+            raise UserError(f"{root}: no benchmark records ({MANIFEST}) in it or its folders")
+        for folder in folders:
+            benches[folder.name] = load_bench(folder)
+    return benches
+
+
+def update_readme(text: str, benches: dict[str, Bench]) -> tuple[str, list[str]]:
+    """`text` with every `<!-- results:NAME -->` block regenerated; also the names of the blocks that changed."""
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in benches:
+            raise UserError(f"README: results block {name!r} has no records")
+        body = block(benches[name])
+        if body != match["body"]:
+            changed.append(name)
+        return match[1] + body + match[4]
+
+    return BLOCK.sub(replace, text), changed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="kddetr bench report", description=__doc__)
+    p.add_argument("roots", type=Path, nargs="*", default=[Path("benchmarks/results")],
+                   help="records of one benchmark (its bench.json) or folders of them")
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--figures", type=Path, default=Path("docs"), help="where the curves go (results_NAME.png)")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a README table is stale")
+    args = p.parse_args(argv)
+    benches = find_benches(args.roots)
+    if not args.readme.is_file():
+        raise UserError(f"{args.readme}: not found")
+    text, changed = update_readme(args.readme.read_text(), benches)
+    if args.check:
+        for name in changed:
+            print(f"{args.readme}: results block {name!r} differs from its records", file=sys.stderr)
+        return 1 if changed else 0
+    for name, bench in benches.items():
+        print(f"## {name}\n\n{block(bench)}")
+        curves(bench, args.figures / f"results_{name}.png")
+    args.readme.write_text(text)
+    print(f"{args.readme}: {len(changed)} results block(s) updated; curves in {args.figures}/results_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

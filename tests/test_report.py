@@ -1,0 +1,118 @@
+"""Results tables come from committed run records: records round-trip, tables and gains, the README check."""
+import json
+from pathlib import Path
+
+import pytest
+
+from kddetr.bench import records, report
+from kddetr.bench.kd_gain import Row, plan_rows, schedule_overrides
+from kddetr.errors import UserError
+
+REPO = Path(__file__).parents[1]
+TEACHER = {"val": {"AP": 47.0, "AP50": 76.3, "AP75": 53.9, "APs": 43.4, "APm": 55.0, "APl": -1.0},
+           "test": {"AP": 46.5, "AP50": 73.9, "AP75": 52.8, "APs": 42.2, "APm": 54.5, "APl": -1.0}}
+
+
+def fake_run(root: Path, slug: str, val_aps: list, test_ap=None) -> Path:
+    """A run directory as `kddetr train` leaves it: config, one metrics line per epoch, the bench's test eval."""
+    run = root / "runs" / slug
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {seed: 0}\n")
+    lines = [{"epoch": i + 1, "step": 250 * (i + 1), "time_s": 60.0 * (i + 1), "s_per_step": 0.2 + 0.01 * i,
+              **({"AP": ap} if ap is not None else {})} for i, ap in enumerate(val_aps)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    if test_ap is not None:
+        (run / "test").mkdir()
+        (run / "test" / "metrics.json").write_text(json.dumps({k: test_ap for k in report.KEYS} | {"APl": -1.0}))
+    (root / "runs" / f"{slug}.command.json").write_text('{"command": "train"}\n')
+    return run
+
+
+@pytest.fixture
+def bench_records(tmp_path) -> Path:
+    rows = plan_rows(["student (no KD)", "KD-DETR general+specific", "Hungarian KD"], [0, 1],
+                     ["student (no KD)", "KD-DETR general+specific"])
+    dest = tmp_path / "records" / "kd_full"
+    records.save_manifest(dest, "dab_detr", "full", rows, TEACHER, ["--schedule", "full", "--variants", "a b"])
+    finished = {"student_no_kd_seed0": 20.0, "student_no_kd_seed1": 22.0, "kd_detr_general_specific_seed0": 30.0,
+                "kd_detr_general_specific_seed1": 33.0, "hungarian_kd_seed0": 25.0}
+    for slug, ap in finished.items():
+        records.save_run(fake_run(tmp_path, slug, [None, ap - 1, ap + 1], ap), dest / slug)
+    return dest
+
+
+def test_rows_keep_each_variants_seeds_together_and_in_the_given_order():
+    rows = plan_rows(["KD-DETR general+specific", "Hungarian KD", "student (no KD)"], [0, 1],
+                     ["student (no KD)", "KD-DETR general+specific"])
+    assert [(r.variant, r.seed) for r in rows] == [("KD-DETR general+specific", 0), ("KD-DETR general+specific", 1),
+                                                   ("Hungarian KD", 0), ("student (no KD)", 0), ("student (no KD)", 1)]
+    assert rows[1].slug == "kd_detr_general_specific_seed1"
+    assert plan_rows(["Hungarian KD"], [], []) == [Row("Hungarian KD")] and Row("Hungarian KD").slug == "hungarian_kd"
+
+
+def test_full_schedule_is_the_teachers(tmp_path):
+    (tmp_path / "config.yaml").write_text("train: {epochs: 30, lr_drop_epochs: [26], batch_size: 8}\n")
+    assert schedule_overrides("full", tmp_path) == ["train.epochs=30", "train.lr_drop_epochs=[26]",
+                                                    "train.eval_every=2"]
+    assert schedule_overrides("short", tmp_path) == []
+    with pytest.raises(UserError, match="config.yaml: not found"):
+        schedule_overrides("full", tmp_path / "nowhere")
+
+
+def test_records_hold_no_weights_and_load_back(bench_records):
+    bench = records.load_bench(bench_records)
+    assert {p.name for p in (bench_records / "hungarian_kd_seed0").iterdir()} == {
+        "config.yaml", "metrics.jsonl", "test_metrics.json", "command.json"}
+    assert bench.command == "kddetr bench kd --schedule full --variants 'a b'"
+    kd0 = bench.runs[2]
+    assert (kd0.slug, kd0.finished, kd0.steps, kd0.final_val["AP"], kd0.test["AP"]) == (
+        "kd_detr_general_specific_seed0", True, 750, 31.0, 30.0)
+    assert kd0.s_per_step == pytest.approx(0.21)
+
+
+def test_table_shows_each_seed_their_mean_and_the_gains_on_shared_seeds(bench_records):
+    md = report.results_table(records.load_bench(bench_records))
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | seed | test AP |") and lines[2].startswith("| teacher | – | 46.5 |")
+    assert "| student (no KD) | 1 | 22.0 | 22.0 |" in md
+    assert "| **student (no KD)** | mean of 0, 1 | **21.0** |" in md
+    assert "| **KD-DETR general+specific** | mean of 0, 1 | **31.5** |" in md
+    assert "− student (no KD): **+10.5 AP** on test (mean of seeds 0, 1: +10.0, +11.0)" in md
+    assert "− Hungarian KD: **+5.0 AP** on test (seed 0)" in md  # seed 0 against seed 0, not the mean
+    assert "teacher − KD-DETR general+specific: 15.0 AP on test" in md
+
+
+def test_unfinished_runs_are_shown_as_such(bench_records, tmp_path):
+    (bench_records / "hungarian_kd_seed0" / "test_metrics.json").unlink()
+    (bench_records / "student_no_kd_seed1" / "test_metrics.json").unlink()
+    md = report.results_table(records.load_bench(bench_records))
+    assert "| Hungarian KD | 0 | running: 750 steps recorded |" in md
+    assert "mean of 0, 1 | **21.0**" not in md and "− student (no KD)" not in md
+
+
+def test_readme_blocks_are_regenerated_and_a_stale_one_is_caught(bench_records, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:kd_full -->\nhand-typed 99.9\n<!-- /results -->\nafter\n")
+    argv = [str(bench_records.parent), "--readme", str(readme), "--figures", str(tmp_path / "docs")]
+    assert report.main([*argv, "--check"]) == 1
+    assert "results block 'kd_full' differs" in capsys.readouterr().err
+    assert report.main(argv) == 0
+    text = readme.read_text()
+    assert "hand-typed" not in text and "| **KD-DETR general+specific** | mean of 0, 1 | **31.5** |" in text
+    assert text.endswith("<!-- /results -->\nafter\n")
+    assert (tmp_path / "docs" / "results_kd_full.png").stat().st_size > 10_000
+    assert report.main([*argv, "--check"]) == 0
+
+
+def test_a_block_without_records_is_an_error(bench_records, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:missing -->\n<!-- /results -->\n")
+    with pytest.raises(UserError, match="'missing' has no records"):
+        report.main([str(bench_records.parent), "--readme", str(readme), "--check"])
+
+
+def test_every_results_table_in_the_readme_is_what_the_committed_records_give():
+    text = (REPO / "README.md").read_text()
+    assert report.BLOCK.search(text), "the README has no results block"
+    _, changed = report.update_readme(text, report.find_benches([REPO / "benchmarks" / "results"]))
+    assert changed == [], f"stale README tables (run `kddetr bench report`): {changed}"
