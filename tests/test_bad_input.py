@@ -124,6 +124,13 @@ def _other_teacher(e: Env) -> Path:
                            DatasetInfo([1, 2, 3], ["cat", "dog", "bird"]))
 
 
+def _twelve_queries(e: Env) -> Path:
+    """A checkpoint of the tiny model with 12 queries instead of 10, for the same categories."""
+    cfg = load_config(TINY, ["model.num_queries=12"])
+    return save_checkpoint(e.root / "twelve", build_detector(cfg.model, 10), cfg,
+                           DatasetInfo(list(range(1, 11)), [f"digit_{d}" for d in range(10)]))
+
+
 def _config_file(e: Env, text: str) -> Path:
     path = e.root / "bad.yaml"
     path.write_text(TINY.read_text() + text)
@@ -252,6 +259,21 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
     "predict on a truncated image": (lambda e: e.predict(e.ckpt, _photos(e, ("a.jpg", e.image(1).read_bytes()),
                                                                         ("b.jpg", _half(e.image(0))))),
                                      ("photos/b.jpg: cannot read image: image file is truncated",)),
+    # ---- starting from a checkpoint (--init)
+    "init checkpoint of another shape": (lambda e: e.train("--init", str(_twelve_queries(e))), (
+        "twelve: does not fit the model at refpoint_embed.weight: checkpoint (12, 4) vs model (10, 4)",
+        "--init-partial")),
+    "init checkpoint of another architecture": (lambda e: e.edit_ckpt_config("model", "arch", "dino").train(
+        "--init", str(e.ckpt)), ("best: a dino checkpoint cannot start a dab_detr model",)),
+    "init not a checkpoint": (lambda e: e.train("--init", str(e.data)), ("{root}/data: not a checkpoint directory",)),
+    "init class map, unknown dataset class": (lambda e: e.train("--init", str(e.ckpt), "--class-map", "tree=digit_1"),
+                                              ("--class-map tree=digit_1: 'tree' is not a class of the dataset",)),
+    "init class map, unknown checkpoint class": (
+        lambda e: e.train("--init", str(e.ckpt), "--class-map", "digit_1=tree"),
+        ("--class-map digit_1=tree: 'tree' is not a class of {root}/run/best",)),
+    "init class map without =": (lambda e: e.train("--init", str(e.ckpt), "--class-map", "digit_1"),
+                                 ("--class-map 'digit_1': expected DATASET_CLASS=CHECKPOINT_CLASS",)),
+    "class map without --init": (lambda e: e.train("--class-map", "a=b"), ("--class-map and --init-partial need",)),
     # ---- resuming
     "resume without a run": (lambda e: e.train("--resume"), ("{root}/out: nothing to resume",)),
     "run dir exists, no --resume": (lambda e: e.write_run({"epoch": 1}).train(),

@@ -25,6 +25,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=2e-4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--init", type=Path, metavar="CKPT",
+                   help="start the model (for distill: the student) from this checkpoint's weights; class rows are "
+                        "mapped by category name, new classes start fresh")
+    p.add_argument("--class-map", action="append", default=[], metavar="NEW=OLD",
+                   help="with --init: dataset class NEW starts from checkpoint class OLD (repeatable)")
+    p.add_argument("--init-partial", action="store_true",
+                   help="with --init: load only the tensors that fit (other layers, query counts or sizes start "
+                        "fresh) instead of stopping at the first that does not")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +135,14 @@ def cmd_train(args: argparse.Namespace, distill: bool = False) -> None:
     from kddetr.engine.runner import run_training
     cfg = _run_config(args)
     _check_out_dir(args.out, args.resume)
+    init = None
+    if args.init is not None:
+        from kddetr.engine.finetune import InitRequest, parse_class_map
+        init = InitRequest(args.init, parse_class_map(args.class_map), args.init_partial)
+    elif args.class_map or args.init_partial:
+        raise UserError("--class-map and --init-partial need --init CKPT")
     metrics = run_training(cfg, args.data, args.out, device=args.device, resume=args.resume,
-                           teacher=args.teacher if distill else None, progress=not args.no_progress)
+                           teacher=args.teacher if distill else None, progress=not args.no_progress, init=init)
     from kddetr.engine.evaluate import print_metrics_table
     if metrics and int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(print_metrics_table(metrics, title=str(args.out)))

@@ -12,6 +12,7 @@ from kddetr.config import Config
 from kddetr.engine import distributed as dist
 from kddetr.engine.checkpoint import load_checkpoint
 from kddetr.engine.evaluate import evaluate, print_metrics_table
+from kddetr.engine.finetune import InitRequest, init_from_checkpoint
 from kddetr.engine.train import DetectionObjective, Trainer, load_datasets, make_loader, seed_everything
 from kddetr.errors import UserError
 from kddetr.models.build import num_select
@@ -51,18 +52,19 @@ def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teac
 
 
 def run_training(cfg: Config, data_dir: Path, out_dir: Path, device: str = "cpu", resume: bool = False,
-                 teacher: Optional[Path] = None, progress: bool = True) -> dict[str, float]:
+                 teacher: Optional[Path] = None, progress: bool = True,
+                 init: Optional[InitRequest] = None) -> dict[str, float]:
     """Validate everything, then train (`teacher` given: distil). Nothing is written before validation.
 
     Under torchrun each process joins the process group from the environment and trains its share.
     """
     check_device(device)
     with dist.process_group(device) as torch_device:
-        return _train(cfg, data_dir, out_dir, torch_device, resume, teacher, progress)
+        return _train(cfg, data_dir, out_dir, torch_device, resume, teacher, progress, init)
 
 
 def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.device, resume: bool,
-           teacher: Optional[Path], progress: bool) -> dict[str, float]:
+           teacher: Optional[Path], progress: bool, init: Optional[InitRequest]) -> dict[str, float]:
     train_set, val_set = load_datasets(cfg, Path(data_dir))
     num_classes = len(train_set.category_ids)
     if cfg.model.num_classes not in (0, num_classes):
@@ -72,8 +74,22 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.devic
     if cfg.train.deterministic and torch_device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     objective = build_objective(cfg, num_classes, train_set.category_ids, teacher, torch_device)
+    if init is not None:
+        _init_student(objective.student, cfg, init, train_set.category_names, Path(out_dir), resume)
     trainer = Trainer(cfg, objective, train_set, val_set, Path(out_dir), torch_device, progress)
     return trainer.fit(resume=resume)
+
+
+def _init_student(student: torch.nn.Module, cfg: Config, init: InitRequest, category_names: list[str],
+                  out_dir: Path, resume: bool) -> None:
+    if resume:
+        if dist.is_main_process():
+            print(f"--resume: continuing {out_dir / 'last'}; --init {init.checkpoint} is not applied")
+        return
+    summary = init_from_checkpoint(student, cfg.model.arch, init.checkpoint, category_names, init.renames,
+                                   init.partial)
+    if dist.is_main_process():
+        print(summary.describe())
 
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, out: Optional[Path], batch_size: int = 8,

@@ -13,7 +13,8 @@ from kddetr.models.backbone import Backbone
 from kddetr.models.denoising import DenoisingGenerator, DenoisingGroups, decode_with_denoising
 from kddetr.models.layers import MLP, conv_layout, inverse_sigmoid
 from kddetr.models.position import PositionEmbeddingSine
-from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.protocol import (ClassSlots, DecoderOutput, DetectorOutput, ImageBatch, Queries,
+                                    class_slots_by_prefix)
 from kddetr.models.query_groups import decode_groups
 from kddetr.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
 
@@ -82,6 +83,9 @@ class DABDETR(nn.Module):
             # The official code means to freeze these (`.data[:, :2].requires_grad = False`, a no-op); we do.
             weight = torch.cat((weight[:, :2].detach(), weight[:, 2:]), dim=1)
         return weight
+
+    def class_slots(self) -> dict[str, ClassSlots]:
+        return class_slots_by_prefix(self, ("class_embed.", "denoising.label_embed."))
 
     def learned_queries(self, batch_size: int, memory: Any = None) -> Queries:
         """The detection queries: sigmoid of the anchor embedding, content None (zeros) unless patterns."""

@@ -15,7 +15,8 @@ from kddetr.models.backbone import Backbone
 from kddetr.models.layers import MLP, conv_layout, inverse_sigmoid, residual
 from kddetr.models.ms_deform_attn import MSDeformAttn, Shapes
 from kddetr.models.position import sine_features
-from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.protocol import (ClassSlots, DecoderOutput, DetectorOutput, ImageBatch, Queries,
+                                    class_slots_by_prefix)
 from kddetr.models.query_groups import decode_groups
 from kddetr.models.transformer import FeedForward
 
@@ -267,6 +268,10 @@ class DeformableDETR(nn.Module):
         features = self.enc_output_norm(self.enc_output(memory.memory.masked_fill(~valid, 0.0)))
         class_head, box_head = self._head(self.num_decoder_layers)
         return class_head(features), box_head(features) + anchors, valid[..., 0]
+
+    def class_slots(self) -> dict[str, ClassSlots]:
+        """Every layer's class head (two-stage: the proposal scorer too) and DINO's denoising label embedding."""
+        return class_slots_by_prefix(self, ("class_embed.", "denoising.label_embed."))
 
     def learned_queries(self, batch_size: int, memory: Optional[DeformableMemory] = None) -> Queries:
         """The detection queries: per-image proposals (two-stage, needs `memory`) or the learned ones."""

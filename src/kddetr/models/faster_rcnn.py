@@ -18,7 +18,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from kddetr.config import ModelConfig
 from kddetr.errors import UserError
 from kddetr.models.backbone import Backbone
-from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.protocol import (ClassSlots, DecoderOutput, DetectorOutput, ImageBatch, Queries,
+                                    class_slots_by_prefix)
 
 Targets = list[dict[str, Tensor]]
 
@@ -167,6 +168,11 @@ class FasterRCNN(TorchvisionFasterRCNN):
     def _padded_proposals(self, memory: RCNNMemory) -> list[Tensor]:
         count = max(1, max(len(p) for p in memory.proposals))
         return [pad_cyclic(p, count, size) for p, size in zip(memory.proposals, memory.image_sizes)]
+
+    def class_slots(self) -> dict[str, ClassSlots]:
+        """The RoI predictor: class scores after the background row, 4 box deltas per class after the background's."""
+        return (class_slots_by_prefix(self, ("roi_heads.box_predictor.cls_score.",), ClassSlots(first=1))
+                | class_slots_by_prefix(self, ("roi_heads.box_predictor.bbox_pred.",), ClassSlots(first=4, width=4)))
 
     def learned_queries(self, batch_size: int, memory: Optional[RCNNMemory] = None) -> Queries:
         """The RPN proposals of the step (cxcywh in [0, 1]), padded by repetition to one count per batch."""

@@ -70,6 +70,22 @@ class DetectorOutput(DecoderOutput):
     detections: Optional[list[dict[str, Tensor]]] = None
 
 
+@dataclass(frozen=True)
+class ClassSlots:
+    """Where a tensor keeps its per-class rows: class c owns rows `first + c * width` .. `+ width - 1` of dim 0
+    (rows before `first`, e.g. a background class, belong to no class). Fine-tuning onto other classes maps
+    these rows by category name."""
+
+    first: int = 0
+    width: int = 1
+
+
+def class_slots_by_prefix(module: torch.nn.Module, prefixes: tuple[str, ...],
+                          slots: ClassSlots = ClassSlots()) -> dict[str, ClassSlots]:
+    """`slots` for every state-dict tensor of `module` whose name starts with one of `prefixes`."""
+    return {name: slots for name in module.state_dict() if name.startswith(prefixes)}
+
+
 @runtime_checkable
 class Detector(Protocol):
     """What a detector offers to the distiller (see design.md §2)."""
@@ -82,6 +98,10 @@ class Detector(Protocol):
     def decode(self, memory: Any, queries: Optional[Queries] = None) -> DecoderOutput: ...
 
     def learned_queries(self, batch_size: int) -> Queries: ...
+
+    def class_slots(self) -> dict[str, ClassSlots]:
+        """The state-dict tensors with per-class rows (class heads, denoising label embeddings) and their layout."""
+        ...
 
     def __call__(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
                  extra_queries: Optional[list[Queries]] = None) -> DetectorOutput: ...
