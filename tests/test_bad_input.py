@@ -275,7 +275,6 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
                                  ("--class-map 'digit_1': expected DATASET_CLASS=CHECKPOINT_CLASS",)),
     "class map without --init": (lambda e: e.train("--class-map", "a=b"), ("--class-map and --init-partial need",)),
     # ---- resuming
-    "resume without a run": (lambda e: e.train("--resume"), ("{root}/out: nothing to resume",)),
     "run dir exists, no --resume": (lambda e: e.write_run({"epoch": 1}).train(),
                                     ("{root}/out: already holds a run", "--resume")),
     "trainer state that runs code": (lambda e: e.write_run({"epoch": Payload(e.marker)}).train("--resume"),

@@ -89,6 +89,25 @@ def test_existing_run_needs_resume_and_missing_teacher_is_clear(flow, capsys):
     assert not (run.parent / "kd").exists()
 
 
+def test_resume_before_the_first_checkpoint_starts_the_run_afresh(flow, tmp_path, capsys):
+    """A requeued job always passes --resume: killed before its first checkpoint, it starts over, as if new."""
+    _, data, run = flow
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.yaml").write_text("model: {hidden_dim: 3}\n")  # what a kill in the first epoch leaves
+    (killed / "metrics.jsonl").write_text("")
+    args = ["train", TINY, "--data", str(data), "--epochs", "1", "--no-progress", "--resume"]
+    assert main([*args, "--out", str(killed)]) == 0
+    assert f"--resume: no checkpoint in {killed} yet; starting the run from the beginning" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "never_started")]) == 0
+
+    def losses(path: Path) -> list:
+        return [{k: v for k, v in json.loads(l).items() if k.startswith("train/")}
+                for l in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(killed) == losses(tmp_path / "never_started") == losses(run)
+
+
 def test_console_script_exit_code_and_debug(tmp_path):
     cmd = [sys.executable, "-m", "kddetr", "eval", str(tmp_path / "missing"), "--data", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

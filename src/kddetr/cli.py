@@ -122,19 +122,24 @@ def _run_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
+def _check_out_dir(out: Path, resume: bool) -> bool:
+    """Whether to resume: `--resume` before the run's first checkpoint starts it afresh (a requeued cluster job
+    passes --resume every time)."""
     from kddetr.engine.checkpoint import recover_checkpoint
     recover_checkpoint(out / "last")  # a run killed between the two renames of a save left last.old
     if resume and not (out / "last").is_dir():
-        raise UserError(f"{out}: nothing to resume (no {out / 'last'} checkpoint)")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume: no checkpoint in {out} yet; starting the run from the beginning")
+        return False
     if not resume and (out / "last").exists():
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    return resume
 
 
 def cmd_train(args: argparse.Namespace, distill: bool = False) -> None:
     from kddetr.engine.runner import run_training
     cfg = _run_config(args)
-    _check_out_dir(args.out, args.resume)
+    args.resume = _check_out_dir(args.out, args.resume)
     init = None
     if args.init is not None:
         from kddetr.engine.finetune import InitRequest, parse_class_map
