@@ -59,8 +59,11 @@ def fake_runs(monkeypatch):
     def fake_run(args, **kwargs):
         calls.append(args)
         run = Path(args[args.index("--out") + 1])
+        if args[3] == "eval":  # the bench's test-split evaluation of a finished run
+            return
         (run / "last").mkdir(parents=True)
-        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "AP": 1.0}) + "\n")
+        (run / "config.yaml").write_text("train: {epochs: 1}\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 5, "AP": 1.0}) + "\n")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     return calls
@@ -85,6 +88,23 @@ def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, fake_runs)
     with pytest.raises(UserError, match="started by another command.*teacher_a"):
         run_variant(name, config, tmp_path / "teacher_b", data, tmp_path, [], 1)
     assert len(fake_runs) == 1
+
+
+def test_a_run_killed_midway_is_resumed_not_reused(tmp_path):
+    from kddetr.bench.kd_gain import finished
+
+    run = tmp_path / "run"
+    (run / "last").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {epochs: 4, max_steps: 0}\n")
+    rows = [{"epoch": e, "step": 10 * e, "time_s": e} | ({"AP": 5.0} if e % 2 == 0 else {}) for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not finished(run)  # evaluated at epoch 2 of 4: not the end
+    (run / "config.yaml").write_text("train: {epochs: 4, max_steps: 20}\n")
+    assert finished(run)  # stopped at max_steps
+    (run / "config.yaml").write_text("train: {epochs: 2}\n")
+    assert finished(run)
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert not finished(run)
 
 
 @pytest.mark.slow

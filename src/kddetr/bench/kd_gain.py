@@ -114,7 +114,7 @@ def _run(command: str, slug: str, config: Path, data: Path, out: Path, overrides
     if (run / "last").is_dir() and record.is_file() and json.loads(record.read_text()) != recipe:
         raise UserError(f"{run}: started by another command ({record}: {record.read_text().strip()}); "
                         "use another --out or delete the run")
-    if (run / "metrics.jsonl").is_file() and (run / "last").is_dir() and _final(run).get("AP") is not None:
+    if finished(run):
         return run  # reuse a finished run
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(recipe) + "\n")
@@ -142,6 +142,20 @@ def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, ov
         return teacher or shipped  # type: ignore[return-value]
     run = _run("train", "teacher", config, data, out, overrides, threads)
     return run / "best" if (run / "best").is_dir() else run / "last"
+
+
+def finished(run: Path) -> bool:
+    """Whether the run in `run` ran to its end: its last epoch, `max_steps` or `max_minutes` (as its config.yaml
+    says), with a checkpoint and a final evaluation. A run killed midway has evaluations too: they do not count."""
+    if not ((run / "last").is_dir() and (run / "metrics.jsonl").is_file() and (run / "config.yaml").is_file()):
+        return False
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    if not rows or "AP" not in rows[-1]:
+        return False
+    train = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {})
+    last = rows[-1]
+    return (last["epoch"] >= train.get("epochs", 0) or 0 < train.get("max_steps", 0) <= last["step"]
+            or 0 < 60 * train.get("max_minutes", 0) <= last.get("time_s", 0))
 
 
 def _final(run: Path) -> dict:
