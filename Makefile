@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: install
 	$(BIN)/kddetr bench kd --demo --data $(DEMO_DATA) --teacher $(TEACHER) --out $(DEMO_OUT) \
 		--set train.epochs=$(DEMO_EPOCHS) --set train.eval_every=2
 	$(BIN)/kddetr plot $(DEMO_OUT)/student_no_kd $(DEMO_OUT)/kd_detr_general_specific --out $(DEMO_OUT)/curves.png
+
+# CPU vs GPU parity, AMP train/distill steps, COCO-size KD memory, GPU speed tables, NCCL DDP (<= 10 min on one GPU).
+gpu-check: install
+	$(BIN)/kddetr bench gpu-check
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info runs

@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
 
     bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD overhead, vs HF, inference, "
-                                         "memory, scaling tables), report (README tables from committed records)")
-    bench.add_argument("name", choices=["kd", "speed", "report"])
+                                         "memory, scaling tables), report (README tables from committed records), "
+                                         "gpu-check (is the CUDA path sound)")
+    bench.add_argument("name", choices=["kd", "speed", "report", "gpu-check"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
@@ -180,8 +181,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from kddetr.bench import kd_gain, report, speed
-    code = {"kd": kd_gain, "speed": speed, "report": report}[args.name].main(args.bench_args)
+    from kddetr.bench import gpu_check, kd_gain, report, speed
+    code = {"kd": kd_gain, "speed": speed, "report": report, "gpu-check": gpu_check}[args.name].main(args.bench_args)
     if code:
         raise SystemExit(code)
 

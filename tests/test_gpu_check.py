@@ -1,0 +1,41 @@
+"""`make gpu-check`: one line and exit 0 without a GPU; its checks run (and can fail) on any device."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from kddetr.bench import gpu_check
+from kddetr.data.synth import generate
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu-check runs for real")
+def test_without_a_gpu_it_says_so_and_exits_0(capsys):
+    assert gpu_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert out == "gpu-check: no CUDA device is visible on this machine; nothing to check\n"
+
+
+def test_parity_compares_cpu_with_the_device_and_fails_past_the_tolerance(monkeypatch):
+    monkeypatch.chdir(REPO)
+    check = gpu_check.parity("deformable_detr", torch.device("cpu"))
+    assert check.ok and check.detail.startswith("max abs error 0.0e+00")
+    monkeypatch.setattr(gpu_check, "PARITY_TOLERANCE", -1.0)  # nothing passes a negative tolerance
+    assert not gpu_check.parity("dab_detr", torch.device("cpu")).ok
+
+
+def test_amp_distill_steps_lower_the_loss(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    generate(tmp_path / "data", num_train=16, num_val=2, size=64, seed=0)
+    check = gpu_check.amp_steps("distill", torch.bfloat16, torch.device("cpu"), tmp_path / "data",
+                                REPO / "assets" / "teacher", steps=6)
+    assert check.ok and check.name == "distill 6 steps, bfloat16 autocast" and "→" in check.detail
+
+
+def test_a_failing_command_is_a_failed_row_and_the_table_names_the_device():
+    ok = gpu_check.command("true", ["python", "-c", "print('fine')"])
+    bad = gpu_check.command("false", ["python", "-c", "import sys; sys.exit('broken')"])
+    assert ok.ok and not bad.ok and bad.detail == "broken"
+    md = gpu_check.table([ok, bad], "NVIDIA H100")
+    assert md.startswith("gpu-check on NVIDIA H100") and "| false | FAILED | broken |" in md
