@@ -1,4 +1,5 @@
-"""`make gpu-check`: one line and exit 0 without a GPU; its checks run (and can fail) on any device."""
+"""`make gpu-check` (one line and exit 0 without a GPU; its checks run and can fail on any device) and the
+COCO-scale benchmark."""
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,8 @@ def test_amp_distill_steps_lower_the_loss(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     generate(tmp_path / "data", num_train=16, num_val=2, size=64, seed=0)
     check = gpu_check.amp_steps("distill", torch.bfloat16, torch.device("cpu"), tmp_path / "data",
-                                REPO / "assets" / "teacher", steps=6)
-    assert check.ok and check.name == "distill 6 steps, bfloat16 autocast" and "→" in check.detail
+                                REPO / "assets" / "teacher", steps=4)
+    assert check.ok and check.name == "distill 4 steps, bfloat16 autocast" and "→" in check.detail
 
 
 def test_a_failing_command_is_a_failed_row_and_the_table_names_the_device():
@@ -39,3 +40,16 @@ def test_a_failing_command_is_a_failed_row_and_the_table_names_the_device():
     assert ok.ok and not bad.ok and bad.detail == "broken"
     md = gpu_check.table([ok, bad], "NVIDIA H100")
     assert md.startswith("gpu-check on NVIDIA H100") and "| false | FAILED | broken |" in md
+
+
+def test_coco_scale_bench_loads_and_scores_what_it_generates(capsys):
+    from kddetr.bench import coco_scale
+
+    coco = coco_scale.make_annotations(30, 200, 80)
+    assert len(coco["images"]) == 30 and len(coco["annotations"]) == 200 and len(coco["categories"]) == 80
+    results = coco_scale.detections_for(coco, 10)
+    assert len(results) == 300 and {r["image_id"] for r in results} == set(range(1, 31))
+    assert coco_scale.main(["--images", "300", "--boxes", "2000", "--eval-images", "20", "--detections", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "| load annotations (CocoDetection) | 300 images, 2000 boxes, 80 classes |" in out
+    assert "| COCO evaluation (faster-coco-eval) | 20 images x 30 detections |" in out

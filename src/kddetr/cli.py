@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD overhead, vs HF, inference, "
                                          "memory, scaling tables), report (README tables from committed records), "
-                                         "gpu-check (is the CUDA path sound)")
-    bench.add_argument("name", choices=["kd", "speed", "report", "gpu-check"])
+                                         "gpu-check (is the CUDA path sound), coco-scale (COCO-sized annotations)")
+    bench.add_argument("name", choices=["kd", "speed", "report", "gpu-check", "coco-scale"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
@@ -181,8 +181,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from kddetr.bench import gpu_check, kd_gain, report, speed
-    code = {"kd": kd_gain, "speed": speed, "report": report, "gpu-check": gpu_check}[args.name].main(args.bench_args)
+    from kddetr.bench import coco_scale, gpu_check, kd_gain, report, speed
+    benches = {"kd": kd_gain, "speed": speed, "report": report, "gpu-check": gpu_check, "coco-scale": coco_scale}
+    code = benches[args.name].main(args.bench_args)
     if code:
         raise SystemExit(code)
 

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import gc
 import multiprocessing
-import resource
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kddetr.bench.rss import peak_rss, reset_peak_rss
 from kddetr.config import Config, load_config
 from kddetr.data.coco import build_dataset
 from kddetr.data.collate import collate
@@ -350,33 +350,10 @@ def memory_probe(args: argparse.Namespace, kind: str) -> tuple[float, float]:
         torch.cuda.synchronize()
         return base, torch.cuda.max_memory_allocated() / 2**20
     gc.collect()
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     step()
     step()  # the optimiser state appears in the first step; the second shows the steady peak
-    return base, _peak_rss()
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> float:
-    """The resident set now, MiB, with the peak reset to it (Linux); elsewhere the lifetime peak so far."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_mib("VmRSS")
-    except OSError:
-        return _peak_rss()
-
-
-def _peak_rss() -> float:
-    try:
-        return _status_mib("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return base, peak_rss()
 
 
 def memory_table(bench: Bench, args: argparse.Namespace) -> str:
