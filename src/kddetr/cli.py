@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", type=Path, nargs="+", help="images or directories of images")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--score-threshold", type=float, default=0.3)
-    pr.add_argument("--top-k", type=int, default=100)
+    pr.add_argument("--top-k", type=int, default=None,
+                    help="most detections per image (default: the checkpoint's model.num_select)")
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     pt = sub.add_parser("pretrain-backbone", help="pretrain a ResNet on object/background crops (offline ImageNet stand-in)")

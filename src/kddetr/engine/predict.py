@@ -5,18 +5,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from kddetr.data.coco import open_image
-from kddetr.data.collate import collate
-from kddetr.data.transforms import build_transforms
 from kddetr.engine.checkpoint import Checkpoint, load_checkpoint
-from kddetr.engine.evaluate import postprocess_outputs, to_coco_results
+from kddetr.engine.evaluate import to_coco_results
 from kddetr.errors import UserError
 from kddetr.viz import draw_detections
 
@@ -46,26 +43,22 @@ def check_images(inputs: Sequence[Path]) -> int:
     return count
 
 
-@torch.inference_mode()
 def _predict_all(ckpt: Checkpoint, inputs: Sequence[Path], out_dir: Path, detections: Path,
-                 score_threshold: float, top_k: int, device: str) -> int:
+                 score_threshold: float, top_k: Optional[int], device: str) -> int:
     """Draw each image's detections into `out_dir` and stream them into `detections` as one JSON list."""
-    transform = build_transforms(ckpt.config.data, train=False)
+    from kddetr.api import Predictor
+
+    predictor = Predictor(ckpt.model, ckpt.config, ckpt.dataset, torch.device(device))
+    label_of = {c: i for i, c in enumerate(ckpt.dataset.category_ids)}
     count = 0
     with detections.open("w") as f:
         f.write("[")
         for index, path in enumerate(iter_images(inputs)):
             with open_image(path) as file:
                 image = file.convert("RGB")
-            h, w = image.height, image.width
-            target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
-                      "labels": torch.zeros(0, dtype=torch.int64), "image_id": torch.tensor(index),
-                      "orig_size": torch.tensor([h, w])}
-            batch, _ = collate([transform(image, target)])
-            out = ckpt.model(batch.to(device))
-            pred = postprocess_outputs(out, torch.tensor([[h, w]], device=out.pred_boxes.device), top_k=top_k)[0]
-            keep = pred["scores"] >= score_threshold
-            pred = {k: v[keep].cpu() for k, v in pred.items()}
+            found = predictor.predict(image, score_threshold, top_k)[0]
+            pred = {"boxes": found.boxes, "scores": found.scores,
+                    "labels": torch.tensor([label_of[c] for c in found.category_ids.tolist()], dtype=torch.int64)}
             drawn = draw_detections(pil_to_tensor(image), pred["boxes"], pred["labels"].tolist(),
                                     pred["scores"].tolist(), ckpt.dataset.category_names)
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_dir / f"{path.stem}.png")
@@ -77,7 +70,7 @@ def _predict_all(ckpt: Checkpoint, inputs: Sequence[Path], out_dir: Path, detect
 
 
 def predict(checkpoint: Path, inputs: Sequence[Path], out_dir: Path, score_threshold: float = 0.3,
-            top_k: int = 100, device: str = "cpu") -> int:
+            top_k: Optional[int] = None, device: str = "cpu") -> int:
     """Checkpoint and image headers are checked first; a failure leaves no half-written `out_dir` behind."""
     ckpt = load_checkpoint(checkpoint, device)
     check_images(inputs)
