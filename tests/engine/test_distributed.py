@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,46 @@ def test_resume_with_two_processes_continues_the_run(data_dir, tmp_path):
     _torchrun(*args, "--out", str(tmp_path / "split"), "--epochs", "2", "--resume")
     assert _max_diff(tmp_path / "straight", tmp_path / "split") < 1e-6
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# `torchrun ... killer.py STEP ARGS...`: `kddetr ARGS` in which rank 1 SIGKILLs itself after its STEP-th step
+RANK1_KILLER = """
+import os, signal, sys
+import kddetr.engine.train as train
+nth, seen, step = int(sys.argv[1]), [0], train.Trainer.train_step
+
+def train_step(self, *args, **kwargs):
+    result = step(self, *args, **kwargs)
+    seen[0] += 1
+    if os.environ["RANK"] == "1" and seen[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+train.Trainer.train_step = train_step
+from kddetr.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_and_resume_finishes_identically(data_dir, tmp_path):
+    """One rank dies mid-epoch: torchrun stops the other within a bounded time, names the dead rank, and
+    `--resume` ends exactly where an uninterrupted run does."""
+    args = ["train", str(TINY), "--data", str(data_dir), "--batch-size", "2", "--epochs", "3", *SAME_DATA]
+    killer = tmp_path / "killer.py"
+    killer.write_text(RANK1_KILLER)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    start = time.time()
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(killer), "3", *args, "--out", str(tmp_path / "killed")],
+                            env=env, capture_output=True, text=True, timeout=180)
+    elapsed = time.time() - start
+    assert killed.returncode != 0 and elapsed < 120, (elapsed, killed.stderr[-2000:])
+    assert "rank      : 1" in killed.stderr and "Signal 9 (SIGKILL)" in killed.stderr
+    state = torch.load(tmp_path / "killed" / "last" / "trainer_state.pt", weights_only=True)
+    assert state["epoch"] == 1  # step 3 is the first of epoch 2: epoch 1's checkpoint is the last
+    _torchrun(*args, "--out", str(tmp_path / "killed"), "--resume")
+    _torchrun(*args, "--out", str(tmp_path / "straight"))
+    assert _max_diff(tmp_path / "straight", tmp_path / "killed") == 0
+    rows = [[{k: v for k, v in json.loads(l).items() if k not in ("time_s", "s_per_step")}
+             for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("straight", "killed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 3

@@ -27,7 +27,8 @@ KDDETR = (sys.executable, "-m", "kddetr")
 
 # `python -c KILLER POINT N ARGS...` runs `kddetr ARGS...` and SIGKILLs itself at the N-th POINT:
 # step: after a training step; write: in the temp dir of a `last` save, weights written, trainer state not yet;
-# rename: between a save's two renames (`last` -> `last.old` done, temp dir -> `last` not yet).
+# rename: between a save's two renames (`last` -> `last.old` done, temp dir -> `last` not yet);
+# nospace: the N-th write of a `last` checkpoint's weights fails with ENOSPC (a full disk) instead of a kill.
 KILLER = """
 import os, signal, sys
 import kddetr.engine.checkpoint as checkpoint
@@ -49,6 +50,17 @@ elif point == "write":
     checkpoint.save_file = kill_after(checkpoint.save_file, lambda tensors, file: ".last." in str(file))
 elif point == "rename":
     os.replace = kill_after(os.replace, lambda src, dst: str(dst).endswith("last.old"))
+elif point == "nospace":
+    import errno
+    real_save = checkpoint.save_file
+
+    def full_disk(tensors, file, *args, **kwargs):
+        seen[0] += ".last." in str(file)
+        if seen[0] == nth and ".last." in str(file):
+            open(file, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_save(tensors, file, *args, **kwargs)
+    checkpoint.save_file = full_disk
 from kddetr.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -141,6 +153,19 @@ def test_killed_after_first_checkpoint_resumes_bit_identical(data, straight, tmp
     assert_same_run(straight, out)
     times = [json.loads(line)["time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert times == sorted(times) and times[0] > 0  # the resumed run's clock goes on from the killed one's
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(data, straight, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILLER, "nospace", "2", *_args(data, out)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"{out / 'last'}: cannot write the checkpoint (No space left on device); the previous checkpoint there " \
+           "is kept" in proc.stderr
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["epoch"] == 1  # whole and loadable
+    assert sorted(p.name for p in out.iterdir()) == ["best", "config.yaml", "last", "metrics.jsonl", "tb"]
+    _finish(_args(data, out, "--resume"))  # space freed: the run goes on as if nothing happened
+    assert_same_run(straight, out)
 
 
 def _tiny_checkpoint(path: Path, seed: int) -> nn.Module:

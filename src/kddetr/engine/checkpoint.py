@@ -103,6 +103,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, dataset: Da
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         _replace_dir(tmp, path)
+    except OSError as e:  # e.g. no space left on device: the previous checkpoint at `path` is still whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous checkpoint there is kept" if recover_checkpoint(path).exists() else "nothing was saved"
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
