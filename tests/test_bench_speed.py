@@ -33,11 +33,11 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     data, teacher = tiny_run
     assert speed.main(["--quick", "--config", str(TINY), "--teacher", str(teacher), "--data", str(data),
                        "--batch-size", "2", "--general-points", "6", "--specific-points", "12",
-                       "--set", "model.denoising.enabled=true"]) == 0  # the embedded configs train with DN
+                       "--set", "model.denoising.enabled=true", "--loader-workers", "1"]) == 0  # embedded: DN
     out = capsys.readouterr().out
     titles = re.findall(r"^### (.+)$", out, flags=re.M)
     starts = ["KD overhead", "vs HF transformers", "inference", "memory", "scaling: KD step vs general points",
-              "scaling: image size"]
+              "scaling: image size", "input pipeline: KD step, batch 2"]
     assert len(titles) == len(starts) and all(t.startswith(s) for t, s in zip(titles, starts)), titles
     assert "6 general + 12 specific points" in titles[0]  # the teacher got 12 queries for the specific points
     kd_rows = dict(re.findall(r"^\| (KD step \(\w+\)|student step|teacher forward) \| [\d.e-]+ \| ([\d.e-]+) \|$",
@@ -55,6 +55,10 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     assert re.search(r"^\| distilled student \| [\d.]+ \| [\d.]+ \|$", out, flags=re.M)
     assert len(re.findall(r"^\| (train|KD|inference) \| [\d.]+ \|", out, flags=re.M)) == 3
     assert len(re.findall(r"^\| [048] \| [\d.e-]+ \|", out, flags=re.M)) == 3  # 0, 4 and 8 points
+    loader = dict(re.findall(r"^\| (batches in memory|DataLoader, \d workers) \| [\d.e-]+ \| ([\d.]+) \|$", out,
+                             flags=re.M))
+    assert set(loader) == {"batches in memory", "DataLoader, 0 workers", "DataLoader, 1 workers"}
+    assert float(loader["batches in memory"]) == 1.0
 
 
 def test_teacher_from_a_config_at_another_image_size(tiny_run, capsys) -> None:

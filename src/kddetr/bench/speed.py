@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import itertools
 import multiprocessing
 import statistics
 import sys
@@ -35,7 +36,7 @@ from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.protocol import ImageBatch, Queries
 from kddetr.models.query_groups import ISOLATION_MODES
 
-TABLES = ("kd", "hf", "inference", "memory", "scaling")
+TABLES = ("kd", "hf", "inference", "memory", "scaling", "loader")
 Step = Callable[[], None]
 
 
@@ -100,9 +101,9 @@ def cpu_clock(device: torch.device) -> bool:
 
 
 def median_times(fns: dict[str, Step], repeats: int, warmup: int = 2,
-                 device: torch.device = torch.device("cpu")) -> dict[str, float]:
+                 device: torch.device = torch.device("cpu"), wall_clock: bool = False) -> dict[str, float]:
     """Median seconds per call, candidates interleaved (one call of each per round) after `warmup` calls each."""
-    clock = time.process_time if cpu_clock(device) else time.perf_counter
+    clock = time.process_time if cpu_clock(device) and not wall_clock else time.perf_counter
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -320,6 +321,45 @@ def inference_table(bench: Bench) -> str:
     return markdown(f"inference: images/s, batch {batch}", ["model", "images/s", "ratio to plain student"], rows)
 
 
+def loader_table(bench: Bench, data: Path, workers: Sequence[int]) -> str:
+    """A KD step fed by the real training DataLoader (train transforms, pinned memory on CUDA, persistent workers)
+    against the same step on batches already in memory; wall-clock, since the workers are other processes."""
+    from kddetr.engine.train import make_loader
+
+    dataset = build_dataset(data, bench.cfg.data.train_split, bench.cfg.data, train=True)
+    batch = bench.images.batch_size
+    student = bench.student()
+    distiller = bench.distiller(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=fused_adamw_ok(student))
+
+    def step(images: ImageBatch, targets: list[dict[str, Tensor]]) -> None:
+        images = images.to(bench.device, non_blocking=True)
+        targets = [{k: v.to(bench.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with bench.autocast():
+            loss = sum(distiller(images, targets)[1].values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def cycle(loader: Any) -> Iterator[Any]:
+        while True:
+            yield from loader
+
+    rounds = max(2, bench.repeats)
+    memory = list(itertools.islice(cycle(make_loader(dataset, batch, True, 0, device=bench.device)), rounds))
+    fns = {"batches in memory": (lambda it=itertools.cycle(memory): step(*next(it)))}
+    for n in dict.fromkeys(workers):
+        feed = cycle(make_loader(dataset, batch, True, n, device=bench.device))
+        fns[f"DataLoader, {n} workers"] = lambda feed=feed: step(*next(feed))
+    t = median_times(fns, rounds, warmup=2 if not bench.quick else 0, device=torch.device("cuda")
+                     if bench.device.type == "cuda" else torch.device("cpu"), wall_clock=True)
+    base = t["batches in memory"]
+    rows = [(name, t[name], t[name] / base) for name in fns]
+    size = tuple(memory[0][0].tensors.shape[-2:])
+    return markdown(f"input pipeline: KD step, batch {batch} from {data} (first batch {size} px)",
+                    ["fed by", "s/step", "ratio to in-memory"], rows)
+
+
 def _peak_step(bench: Bench, kind: str) -> Step:
     student = bench.student()
     if kind == "train":
@@ -472,6 +512,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--specific-points", type=int, default=300,
                    help="teacher queries (its learned ones, more at random if it has fewer); 0: the teacher's own")
     p.add_argument("--only", choices=TABLES, action="append", help="tables to print (repeatable; default all)")
+    p.add_argument("--loader-workers", type=int, nargs="*", default=[1, 2],
+                   help="worker counts timed by the loader table besides the config's data.num_workers")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile'd KD step")
     p.add_argument("--channels-last", action="store_true", help="also time a KD step with model.channels_last flipped")
     p.add_argument("--quick", action="store_true", help="one round, small point counts and sizes (for tests)")
@@ -487,7 +529,8 @@ def run(args: argparse.Namespace) -> Iterator[str]:
         f", amp {bench.amp}, batch {bench.images.batch_size} at {tuple(bench.images.tensors.shape[-2:])} px, " \
         f"median {clock} of {bench.repeats} interleaved rounds"
     tables = {"kd": kd_table, "hf": hf_table, "inference": inference_table,
-              "memory": lambda b: memory_table(b, args), "scaling": scaling_tables}
+              "memory": lambda b: memory_table(b, args), "scaling": scaling_tables,
+              "loader": lambda b: loader_table(b, args.data, [b.cfg.data.num_workers, *args.loader_workers])}
     for name in args.only or TABLES:
         yield tables[name](bench)
 
