@@ -49,7 +49,10 @@ def test_coco_scale_bench_loads_and_scores_what_it_generates(capsys):
     assert len(coco["images"]) == 30 and len(coco["annotations"]) == 200 and len(coco["categories"]) == 80
     results = coco_scale.detections_for(coco, 10)
     assert len(results) == 300 and {r["image_id"] for r in results} == set(range(1, 31))
-    assert coco_scale.main(["--images", "300", "--boxes", "2000", "--eval-images", "20", "--detections", "30"]) == 0
+    assert coco_scale.main(["--images", "300", "--boxes", "2000", "--eval-images", "20", "--detections", "30",
+                            "--train-images", "0"]) == 0
     out = capsys.readouterr().out
     assert "| load annotations (CocoDetection) | 300 images, 2000 boxes, 80 classes |" in out
     assert "| COCO evaluation (faster-coco-eval) | 20 images x 30 detections |" in out
+    import os
+    assert 100 < coco_scale._tree_rss_mib(os.getpid()) < 1e5  # this process, torch imported

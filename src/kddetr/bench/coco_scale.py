@@ -86,21 +86,71 @@ def eval_benchmark(num_images: int, per_image: int) -> dict:
     return {"seconds": time.perf_counter() - start, "detections": len(results), "AP": metrics["AP"]}
 
 
+def _tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc), MiB."""
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")) / 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def training_rss(num_images: int, workers: int, tmp: Path, epochs: int = 2) -> list[float]:
+    """`kddetr train` (a small student, 64 px, `workers` loader processes) over a `num_images` dataset: the RSS of
+    the whole process tree at the end of each epoch."""
+    from kddetr.data.synth import generate
+
+    generate(tmp / "data", num_train=num_images, num_val=0, size=64, seed=0)
+    small = ["model.hidden_dim=32", "model.dim_feedforward=64", "model.num_queries=10", "data.train_sizes=[64]",
+             "data.eval_size=64", "train.batch_size=16", "train.eval_every=0", f"data.num_workers={workers}",
+             "model.backbone.weights=null", "model.backbone.num_stages=2"]
+    args = [sys.executable, "-m", "kddetr", "train", "configs/embedded_student.yaml", "--data", str(tmp / "data"),
+            "--out", str(tmp / "run"), "--epochs", str(epochs), "--no-progress",
+            *[x for item in small for x in ("--set", item)]]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, per_epoch, peak = tmp / "run" / "metrics.jsonl", [], 0.0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_mib(proc.pid))
+        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        if done > len(per_epoch):
+            per_epoch.append(peak)  # the highest RSS seen up to the end of this epoch
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training for the RSS probe failed: {proc.stderr.read()[-500:]}")
+    return per_epoch
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="kddetr bench coco-scale", description=__doc__)
     p.add_argument("--images", type=int, default=TRAIN_IMAGES)
     p.add_argument("--boxes", type=int, default=TRAIN_BOXES)
     p.add_argument("--eval-images", type=int, default=VAL_IMAGES)
     p.add_argument("--detections", type=int, default=DETECTIONS, help="scored detections per image")
+    p.add_argument("--train-images", type=int, default=10_000, help="dataset size of the training-RSS probe (0: skip)")
+    p.add_argument("--workers", type=int, default=2, help="loader processes of the training-RSS probe")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         load = load_benchmark(args.images, args.boxes, Path(tmp))
     evaluation = eval_benchmark(args.eval_images, args.detections)
+    rss = []
+    if args.train_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            rss = training_rss(args.train_images, args.workers, Path(tmp))
     print("| what | size | seconds | peak RSS (MiB) | of which imports (MiB) |\n|---|---|---:|---:|---:|")
     print(f"| load annotations (CocoDetection) | {args.images} images, {args.boxes} boxes, {CATEGORIES} classes "
           f"| {load['seconds']:.1f} | {load['peak_rss_mib']:.0f} | {load['imports_rss_mib']:.0f} |")
     print(f"| COCO evaluation (faster-coco-eval) | {args.eval_images} images x {args.detections} detections "
           f"| {evaluation['seconds']:.1f} | – | – |")
+    if len(rss) >= 2:
+        print(f"\nTraining over {args.train_images} images ({args.workers} loader workers): peak RSS of the process "
+              f"tree {rss[0]:.0f} MiB by the end of epoch 1, {rss[1]:.0f} MiB by the end of epoch 2 "
+              f"(growth over the second epoch: {rss[1] - rss[0]:+.0f} MiB)")
     return 0
 
 
