@@ -88,7 +88,7 @@ def class_slots_by_prefix(module: torch.nn.Module, prefixes: tuple[str, ...],
 
 @runtime_checkable
 class Detector(Protocol):
-    """What a detector offers to the distiller (see design.md §2)."""
+    """What a detector offers to the distiller and the trainer (docs/CONVENTIONS.md)."""
 
     num_classes: int
     num_decoder_layers: int
