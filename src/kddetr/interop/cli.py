@@ -122,7 +122,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, opset: 
     if fmt == "hf":
         from kddetr.interop.hf import write_hf
 
-        return write_hf(out, cfg.model, model.state_dict(), ckpt.dataset)
+        return write_hf(out, cfg.model, model.state_dict(), ckpt.dataset, cfg.data)
     if fmt == "onnx":
         from kddetr.interop.onnx import export_onnx
 

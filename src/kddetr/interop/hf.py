@@ -6,13 +6,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from kddetr.config import BackboneConfig, ModelConfig
+from kddetr.config import BackboneConfig, DataConfig, ModelConfig
+from kddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.models.backbone import RESNETS
@@ -485,12 +486,30 @@ def hf_config(cfg: ModelConfig, dataset: DatasetInfo) -> dict[str, Any]:
         **_label_fields(dataset)}
 
 
-def write_hf(out: str | Path, cfg: ModelConfig, state: dict[str, Tensor], dataset: DatasetInfo) -> Path:
-    """Write `config.json` + `model.safetensors` that HF's `...ForObjectDetection.from_pretrained(out)` loads."""
+# HF image processors whose post-processing matches a sigmoid (focal) class head: top-k over queries x classes
+HF_PROCESSORS = {"dab_detr": "ConditionalDetrImageProcessor", "deformable_detr": "DeformableDetrImageProcessor"}
+
+
+def processor_config(cfg: ModelConfig, data: DataConfig) -> dict[str, Any]:
+    """`preprocessor_config.json`: the resize, normalisation and padding of `kddetr eval`, and a processor whose
+    `post_process_object_detection` scores sigmoid heads (DETR's own processor would apply a softmax)."""
+    return {"image_processor_type": HF_PROCESSORS[cfg.arch], "format": "coco_detection",
+            "do_resize": True, "size": {"shortest_edge": data.eval_size, "longest_edge": data.max_size},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_convert_annotations": True,
+            "do_pad": True}
+
+
+def write_hf(out: str | Path, cfg: ModelConfig, state: dict[str, Tensor], dataset: DatasetInfo,
+             data: Optional[DataConfig] = None) -> Path:
+    """Write `config.json` + `model.safetensors` that HF's `...ForObjectDetection.from_pretrained(out)` loads, and
+    `preprocessor_config.json` (when `data` is given) that `AutoImageProcessor` and `pipeline(...)` use."""
     config = hf_config(cfg, dataset)
     weights = ours_to_hf(state, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if data is not None:
+        (out / "preprocessor_config.json").write_text(json.dumps(processor_config(cfg, data), indent=2) + "\n")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
