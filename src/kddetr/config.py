@@ -78,6 +78,9 @@ class ModelConfig:
     # sampling points per head and level, iterative box refinement, two-stage (needs box_refine)
     num_feature_levels: int = 4
     num_points: int = 4
+    # learning-rate multiplier of the sampling offsets and reference-point projections (the reference's
+    # lr_linear_proj_mult; Deformable DETR and DINO)
+    lr_linear_proj_mult: float = 0.1
     box_refine: bool = False
     two_stage: bool = False  # the top num_queries encoder proposals become the decoder queries
     # Faster R-CNN (arch faster_rcnn): FPN over the last num_feature_levels backbone stages plus a max-pooled

@@ -133,3 +133,25 @@ def test_optimizer_is_fused_and_steps_like_foreach():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
         if a.requires_grad:
             assert not torch.equal(a, start[name]), name
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_deformable_offsets_and_reference_points_learn_at_a_tenth_of_the_rate(two_stage):
+    """As the reference's lr_linear_proj_mult: one group per multiplier, the rest at lr, the backbone at lr_backbone."""
+    from kddetr.engine.train import build_optimizer
+    cfg = load_config(None, ["model.arch=deformable_detr", "model.backbone.name=resnet10", "model.hidden_dim=32",
+                             "model.num_heads=4", "model.encoder_layers=1", "model.decoder_layers=2",
+                             "model.dim_feedforward=64", "model.num_queries=5", f"model.two_stage={two_stage}",
+                             f"model.box_refine={two_stage}", "train.lr=1e-3", "train.lr_backbone=2e-4"])
+    model = build_detector(cfg.model, 3)
+    groups = build_optimizer(model, cfg.train).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = [[names[id(p)] for p in g["params"]] for g in groups]
+    lrs = [g["lr"] for g in groups]
+    assert lrs[:2] == [1e-3, 2e-4] and all(lr == pytest.approx(1e-4) for lr in lrs[2:])  # rest, backbone, slow
+    assert all(n.startswith("backbone.") for n in members[1])
+    slow = [n for m in members[2:] for n in m]
+    assert slow and all("sampling_offsets" in n or "reference_points" in n for n in slow)
+    assert any("reference_points" in n for n in slow) != two_stage  # two-stage has no reference-point projection
+    assert all("sampling_offsets" not in n and "reference_points" not in n for n in members[0])
+    assert sum(map(len, members)) == sum(p.requires_grad for p in model.parameters())

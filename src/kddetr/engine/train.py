@@ -62,12 +62,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    groups = [{"params": rest, "lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr_backbone})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw_ok(model))
+    """AdamW with the rest at `lr`, the backbone at `lr_backbone`, and then one group per learning-rate multiplier
+    the detector asks for (`lr_multipliers()`: parameter-name fragment -> multiplier of `lr`)."""
+    multipliers = model.lr_multipliers()  # type: ignore[operator]
+    groups: dict[str, dict] = {"rest": {"params": [], "lr": cfg.lr}, "backbone": {"params": [], "lr": cfg.lr_backbone}}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        fragment = next((f for f in multipliers if f in name), None)
+        key = "backbone" if name.startswith("backbone.") else "rest" if fragment is None else fragment
+        groups.setdefault(key, {"params": [], "lr": cfg.lr * multipliers.get(key, 1.0)})["params"].append(p)
+    kept = [g for g in groups.values() if g["params"] or g is groups["rest"]]
+    return torch.optim.AdamW(kept, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw_ok(model))
 
 
 def fused_adamw_ok(model: nn.Module) -> bool:

@@ -84,6 +84,9 @@ class DABDETR(nn.Module):
             weight = torch.cat((weight[:, :2].detach(), weight[:, 2:]), dim=1)
         return weight
 
+    def lr_multipliers(self) -> dict[str, float]:
+        return {}
+
     def class_slots(self) -> dict[str, ClassSlots]:
         return class_slots_by_prefix(self, ("class_embed.", "denoising.label_embed."))
 

@@ -151,6 +151,7 @@ class DeformableDETR(nn.Module):
         self.num_queries = cfg.num_queries
         self.hidden_dim = dim
         self.box_refine, self.two_stage = cfg.box_refine, cfg.two_stage
+        self.lr_linear_proj_mult = cfg.lr_linear_proj_mult
         self.look_forward_twice = False  # DINO: a layer's box refines the previous layer's undetached box
         self.group_isolation = cfg.group_isolation
         self.channels_last = cfg.channels_last
@@ -268,6 +269,11 @@ class DeformableDETR(nn.Module):
         features = self.enc_output_norm(self.enc_output(memory.memory.masked_fill(~valid, 0.0)))
         class_head, box_head = self._head(self.num_decoder_layers)
         return class_head(features), box_head(features) + anchors, valid[..., 0]
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """The sampling offsets and reference-point projections learn at `lr_linear_proj_mult` x the rate, as in
+        the reference (a box that moves its sampling points too fast destabilises early training)."""
+        return {"sampling_offsets": self.lr_linear_proj_mult, "reference_points": self.lr_linear_proj_mult}
 
     def class_slots(self) -> dict[str, ClassSlots]:
         """Every layer's class head (two-stage: the proposal scorer too) and DINO's denoising label embedding."""

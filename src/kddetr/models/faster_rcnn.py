@@ -169,6 +169,9 @@ class FasterRCNN(TorchvisionFasterRCNN):
         count = max(1, max(len(p) for p in memory.proposals))
         return [pad_cyclic(p, count, size) for p, size in zip(memory.proposals, memory.image_sizes)]
 
+    def lr_multipliers(self) -> dict[str, float]:
+        return {}
+
     def class_slots(self) -> dict[str, ClassSlots]:
         """The RoI predictor: class scores after the background row, 4 box deltas per class after the background's."""
         return (class_slots_by_prefix(self, ("roi_heads.box_predictor.cls_score.",), ClassSlots(first=1))

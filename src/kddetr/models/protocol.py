@@ -99,6 +99,10 @@ class Detector(Protocol):
 
     def learned_queries(self, batch_size: int) -> Queries: ...
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Parameter-name fragments -> learning-rate multiplier (parameters matching none train at the base rate)."""
+        ...
+
     def class_slots(self) -> dict[str, ClassSlots]:
         """The state-dict tensors with per-class rows (class heads, denoising label embeddings) and their layout."""
         ...
