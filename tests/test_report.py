@@ -116,3 +116,12 @@ def test_every_results_table_in_the_readme_is_what_the_committed_records_give():
     assert report.BLOCK.search(text), "the README has no results block"
     _, changed = report.update_readme(text, report.find_benches([REPO / "benchmarks" / "results"]))
     assert changed == [], f"stale README tables (run `kddetr bench report`): {changed}"
+
+
+def test_a_finished_benchmark_states_its_wall_time(bench_records):
+    bench = records.load_bench(bench_records)
+    assert bench.minutes is None and "wall time" not in report.results_table(bench)
+    manifest = json.loads((bench_records / "bench.json").read_text())
+    (bench_records / "bench.json").write_text(json.dumps(manifest | {"minutes": 12.34}))
+    assert report.results_table(records.load_bench(bench_records)).endswith(
+        "- wall time of the whole command: 12.3 min")

@@ -241,9 +241,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = [*schedule_overrides(args.schedule, args.teacher), *args.overrides]
     teacher_metrics = {split: evaluate_split(args.teacher, args.data, split, args.out / f"teacher_{split}" /
                                              "metrics.json", args.threads) for split in ("val", "test")}
+    manifest = dict(arch=args.arch, schedule=args.schedule, rows=rows, teacher=teacher_metrics,
+                    argv=list(argv if argv is not None else sys.argv[1:]))
     if args.records:
-        records.save_manifest(args.records, arch=args.arch, schedule=args.schedule, rows=rows,
-                              teacher=teacher_metrics, argv=list(argv if argv is not None else sys.argv[1:]))
+        records.save_manifest(args.records, **manifest)
 
     def work(row: Row) -> Path:
         run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads)
@@ -260,7 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (args.out / "table.md").write_text(md + "\n")
     bar_chart(results, teacher_metrics[split].get("AP"), args.out / "kd_gain.png", split)
     print(f"COCO AP on the {split} split\n\n{md}")
-    print(f"\n{len(rows)} runs in {(time.time() - start) / 60:.1f} min; table.md and kd_gain.png in {args.out}")
+    minutes = (time.time() - start) / 60
+    if args.records:
+        records.save_manifest(args.records, **manifest, minutes=minutes)
+    print(f"\n{len(rows)} runs in {minutes:.1f} min; table.md and kd_gain.png in {args.out}")
     return 0
 
 

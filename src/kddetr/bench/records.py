@@ -19,12 +19,13 @@ RUN_FILES = {"config.yaml": "config.yaml", "metrics.jsonl": "metrics.jsonl", "te
 
 
 def save_manifest(root: Path, arch: str, schedule: str, rows: Sequence[Any], teacher: dict[str, Optional[dict]],
-                  argv: Sequence[str]) -> None:
-    """`root/bench.json`: the benchmark's command, its planned rows (variant, seed, slug) and the teacher's AP."""
+                  argv: Sequence[str], minutes: Optional[float] = None) -> None:
+    """`root/bench.json`: the benchmark's command, its planned rows (variant, seed, slug), the teacher's AP and,
+    once the benchmark has finished in one invocation, its wall time."""
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"command": "kddetr bench kd " + shlex.join(argv), "arch": arch, "schedule": schedule,
                 "rows": [{"variant": r.variant, "seed": r.seed, "slug": r.slug} for r in rows],
-                "teacher": teacher}
+                "teacher": teacher, "minutes": minutes}
     _write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -87,6 +88,7 @@ class Bench:
     schedule: str
     teacher: dict[str, Optional[dict]]
     runs: list[RunRecord]
+    minutes: Optional[float] = None
 
 
 def load_bench(root: Path) -> Bench:
@@ -105,4 +107,5 @@ def load_bench(root: Path) -> Bench:
         if (folder / "config.yaml").is_file():
             record.config = yaml.safe_load((folder / "config.yaml").read_text())
         runs.append(record)
-    return Bench(root.name, manifest["command"], manifest["arch"], manifest["schedule"], manifest["teacher"], runs)
+    return Bench(root.name, manifest["command"], manifest["arch"], manifest["schedule"], manifest["teacher"], runs,
+                 manifest.get("minutes"))

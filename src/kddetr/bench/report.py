@@ -42,7 +42,8 @@ def results_table(bench: Bench) -> str:
             seeds = ", ".join(str(r.seed) for r in done)
             lines.append(f"| **{variant}** | mean of {seeds} | " + " | ".join(f"**{_fmt(means[k])}**" if k == "AP"
                          else _fmt(means[k]) for k in KEYS) + f" | {_fmt(val)} | {done[0].steps} | – |")
-    return "\n".join(lines + ["", *gains(bench, split)])
+    timing = [] if bench.minutes is None else [f"- wall time of the whole command: {bench.minutes:.1f} min"]
+    return "\n".join(lines + ["", *gains(bench, split), *timing])
 
 
 def _split_metrics(run: RunRecord, split: str) -> dict:
