@@ -213,17 +213,18 @@ def test_contrastive_denoising_by_hand():
         criterion(num_classes=C)(out, targets)
 
 
-@pytest.mark.parametrize("columns", [2, 1])
-def test_encoder_proposals_are_matched_like_a_layer(columns: int):
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_encoder_proposals_are_matched_like_a_layer(agnostic: bool):
     logits, raw, targets = random_case(2, 2, 4, 2, [2, 1], seed=5)
-    enc_logits, enc_raw, _ = random_case(1, 2, 7, columns, [], seed=6)
-    out = DetectorOutput(logits, raw.sigmoid(), encoder_proposals=DecoderOutput(enc_logits, enc_raw.sigmoid()))
+    enc_logits, enc_raw, _ = random_case(1, 2, 7, 2, [], seed=6)
+    out = DetectorOutput(logits, raw.sigmoid(), encoder_proposals=DecoderOutput(enc_logits, enc_raw.sigmoid()),
+                         encoder_class_agnostic=agnostic)
     losses = criterion()(out, targets)
     plain = criterion()(DetectorOutput(logits, raw.sigmoid()), targets)
     assert set(losses) == set(plain) | {"enc_loss_ce", "enc_loss_bbox", "enc_loss_giou"}
-    if columns == 1:  # class-agnostic: every target is class 0 of a one-class problem
+    if agnostic:  # every target is class 0; column 1 is trained towards 0 everywhere (the reference's binary targets)
         targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-    alone = criterion(num_classes=columns)(DetectorOutput(enc_logits, enc_raw.sigmoid()), targets)
+    alone = criterion(num_classes=2)(DetectorOutput(enc_logits, enc_raw.sigmoid()), targets)
     for name in ("loss_ce", "loss_bbox", "loss_giou"):
         assert losses["enc_" + name].item() == pytest.approx(alone[name].item(), rel=1e-6)
         assert torch.equal(losses[name], plain[name])
@@ -242,7 +243,8 @@ def test_encoder_loss_reaches_the_deformable_proposal_head():
     images = ImageBatch(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
     targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.2]])}] * 2
     out = model(images, targets)
-    assert out.encoder_proposals.logits.shape == (1, 2, 8 * 8 + 4 * 4, 1)  # every cell, one foreground score
+    assert out.encoder_proposals.logits.shape == (1, 2, 8 * 8 + 4 * 4, 3)  # every cell, every class column
+    assert out.encoder_class_agnostic  # trained as "object or not" in column 0, the others towards 0
     losses = build_criterion(cfg, 3)(out, targets)
     sum(v for k, v in losses.items() if k.startswith("enc_")).backward()
     box_out = model.bbox_embed[2].layers[-1]  # zero at init, so the layers before it get no gradient yet

@@ -50,8 +50,9 @@ class SetCriterion(nn.Module):
     query `g * P + P / 2 + j` is target j's negative: it only gets the classification term, as "no object".
 
     Encoder proposals (`outputs.encoder_proposals`, two-stage Deformable DETR and DINO): Hungarian-matched
-    to the targets like a decoder layer, as in the reference code's `enc_outputs` loss; when they carry a
-    single class column (Deformable DETR ranks proposals by one foreground score) every target counts as class 0.
+    to the targets like a decoder layer, as in the reference code's `enc_outputs` loss; when they are
+    class-agnostic (Deformable DETR ranks proposals by the first column) every target counts as class 0 and every
+    other column is trained towards 0, as the reference's binary targets do.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_cfg: LossConfig,
@@ -116,7 +117,7 @@ class SetCriterion(nn.Module):
             losses.update(self._denoising(outputs, targets, num_boxes))
         if outputs.encoder_proposals is not None:
             enc = outputs.encoder_proposals
-            if enc.logits.shape[-1] == 1:  # class-agnostic proposals
+            if outputs.encoder_class_agnostic:
                 targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
             indices = self.matcher(enc.logits[-1], enc.boxes[-1], targets)
             losses.update(self._layer(enc.logits[-1], enc.boxes[-1], targets, indices, num_boxes, "enc_", ""))

@@ -124,8 +124,8 @@ class DeformableDETR(nn.Module):
     - two-stage (needs `box_refine`): every encoder cell proposes a box; the top `num_queries` by the
       first class's score become 4-D reference boxes, and positional part and content both come from a
       projection of the boxes' sine embedding. `learned_queries(batch_size, memory)` returns these per-image
-      boxes (the specific distillation points). Every cell's proposal goes out as `encoder_proposals` with
-      its first-class score, which the criterion trains class-agnostically (`enc_` terms), as the reference.
+      boxes (the specific distillation points). Every cell's proposal goes out as `encoder_proposals`, which
+      the criterion trains class-agnostically (`enc_` terms: every object is class 0), as the reference.
     With `box_refine` every decoder layer has its own heads and refines the (detached) reference boxes;
     otherwise the heads are shared and the reference points stay fixed.
 
@@ -136,6 +136,8 @@ class DeformableDETR(nn.Module):
     content are those of the learned query whose reference point is nearest. An MLP from anchors to
     positional queries (DAB-style) was rejected: in a teacher trained without KD it would be untrained.
     """
+
+    class_agnostic_proposals = True  # two-stage: proposals scored by one "object" column, the first
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
@@ -358,10 +360,9 @@ class DeformableDETR(nn.Module):
         memory = self.encode(images)
         detections, *extra = self.decode_groups(memory, [None, *(extra_queries or [])])
         return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra,
-                              encoder_memory=memory.memory, encoder_proposals=self._encoder_proposals(memory))
+                              encoder_memory=memory.memory, encoder_proposals=self._encoder_proposals(memory),
+                              encoder_class_agnostic=self.class_agnostic_proposals)
 
     def _encoder_proposals(self, memory: DeformableMemory) -> Optional[DecoderOutput]:
         """What the encoder loss trains: every cell's proposal, class-agnostic (ranked by the first class)."""
-        if memory.proposals is None:
-            return None
-        return DecoderOutput(memory.proposals.logits[..., :1], memory.proposals.boxes)
+        return memory.proposals

@@ -34,6 +34,8 @@ class DINO(DeformableDETR):
     Distillation groups never see the detection queries, the denoising groups or each other.
     """
 
+    class_agnostic_proposals = False  # selected by their best class score, trained with their classes
+
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__(dataclasses.replace(cfg, two_stage=True, box_refine=True), num_classes)
         self.look_forward_twice = True

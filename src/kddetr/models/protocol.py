@@ -61,8 +61,10 @@ class DetectorOutput(DecoderOutput):
     denoising_meta: Optional[dict[str, Any]] = None
     encoder_memory: Optional[Tensor] = None  # [B, S, D], for diagnostics only
     # Query-selecting detectors (two-stage Deformable DETR, DINO): the encoder's proposals `[1, B, N, C]` and
-    # `[1, B, N, 4]` that the criterion trains with `enc_` terms; a single class column = class-agnostic scores.
+    # `[1, B, N, 4]` that the criterion trains with `enc_` terms; class-agnostic ones (two-stage Deformable DETR)
+    # are trained as the reference does: every target counts as class 0, the other columns as negatives.
     encoder_proposals: Optional[DecoderOutput] = None
+    encoder_class_agnostic: bool = False
     # Detectors that compute their own training losses (Faster R-CNN): already weighted terms for the criterion
     losses: Optional[dict[str, Tensor]] = None
     # Detectors with their own post-processing (Faster R-CNN's NMS), at inference: one dict per image of
