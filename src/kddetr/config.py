@@ -82,6 +82,10 @@ class ModelConfig:
     # lr_linear_proj_mult; Deformable DETR and DINO)
     lr_linear_proj_mult: float = 0.1
     box_refine: bool = False
+    # DINO, as its reference by default: one class head and one box head shared by every decoder layer (the
+    # encoder's proposal heads stay separate), and a LayerNorm on each layer's output before the heads
+    dino_shared_heads: bool = True
+    dino_decoder_norm: bool = True
     two_stage: bool = False  # the top num_queries encoder proposals become the decoder queries
     # Faster R-CNN (arch faster_rcnn): FPN over the last num_feature_levels backbone stages plus a max-pooled
     # level, hidden_dim channels; one anchor size (pixels) per FPN level; RPN keeps num_queries proposals per

@@ -46,7 +46,7 @@ def test_config_and_protocol() -> None:
     assert from_dict(ModelConfig, {"arch": "dino", "denoising": {"contrastive": True}}).denoising.contrastive
     assert not DenoisingConfig().contrastive  # existing configs keep DN-DETR groups
     model = tiny_model().eval()
-    assert isinstance(model, Detector) and model.num_decoder_layers == 3 and len(model.class_embed) == 4
+    assert isinstance(model, Detector) and model.num_decoder_layers == 3 and len(model.class_embed) == 2
     with torch.no_grad():
         out = model(image_batch(), extra_queries=extra_groups())
     assert out.logits.shape == (3, 2, QUERIES, CLASSES) and [o.boxes.shape[2] for o in out.extra] == [5, 4]
@@ -87,7 +87,7 @@ def test_look_forward_twice_trains_the_previous_layer_box_only() -> None:
         return [head.layers[-1].weight.grad is not None and bool(head.layers[-1].weight.grad.any())
                 for head in model.bbox_embed[:3]]
 
-    dino = tiny_model().train()
+    dino = tiny_model(dino_shared_heads=False).train()  # per-layer heads show which layer a gradient reaches
     assert box_grads(dino, 2) == [False, True, True]  # layer 1's box (not layer 0's: its reference is detached)
     assert box_grads(dino, 1) == [True, True, False]
     assert box_grads(dino, 2, "logits") == [False, False, False]  # references the layers attend from: detached
@@ -95,6 +95,26 @@ def test_look_forward_twice_trains_the_previous_layer_box_only() -> None:
     for head in deformable.bbox_embed:
         nn.init.normal_(head.layers[-1].weight, std=0.1)
     assert box_grads(deformable, 2) == [False, False, True]  # Deformable DETR looks forward once
+
+
+def test_decoder_layers_share_their_heads_and_read_a_normalised_output() -> None:
+    """As the reference: one class and one box head for every decoder layer, the proposal heads apart, and a
+    LayerNorm between each layer's output and the heads (the references are refined from the raw output)."""
+    model = tiny_model().eval()
+    heads = [model._head(i) for i in range(model.num_decoder_layers)]
+    assert all(h[0] is heads[0][0] and h[1] is heads[0][1] for h in heads)
+    proposal = model._head(model.num_decoder_layers)
+    assert proposal[0] is not heads[0][0] and proposal[1] is not heads[0][1]
+    nn.init.normal_(model.decoder_norm.weight)  # at init it is nearly the identity on post-norm layer outputs
+    memory = model.encode(image_batch())
+    with torch.no_grad():
+        normed = model.decode(memory)
+        model.decoder_norm = None  # the same weights, heads on the raw output
+        raw = model.decode(memory)
+    assert not torch.allclose(normed.logits, raw.logits, atol=1e-3)
+    torch.testing.assert_close(normed.boxes[0], raw.boxes[0], atol=0.2, rtol=0)  # both refine the same anchors
+    separate = tiny_model(dino_shared_heads=False, dino_decoder_norm=False)
+    assert len(separate.class_embed) == 4 and separate.decoder_norm is None
 
 
 @pytest.mark.parametrize("isolation", ["separate", "mask", "batch"])
@@ -149,7 +169,7 @@ def test_encoder_loss_trains_the_proposal_head() -> None:
     losses = criterion(model(image_batch(), TARGETS), TARGETS)
     assert {"enc_loss_ce", "enc_loss_bbox", "enc_loss_giou", "dn_loss_ce", "loss_ce_1"} <= set(losses)
     sum(v for k, v in losses.items() if k.startswith("enc_")).backward()
-    for module in (model.class_embed[3], model.bbox_embed[3], model.enc_output):
+    for module in (*model._head(model.num_decoder_layers), model.enc_output):  # the proposal heads
         assert all(p.grad is not None and p.grad.any() for p in module.parameters())
     assert all(p.grad is None or not p.grad.any() for p in model.tgt_embed.parameters())
 
@@ -159,7 +179,7 @@ def test_overfits_two_images() -> None:
     criterion = build_criterion(tiny_config(), CLASSES)
     images = image_batch()
     paint_boxes(images, TARGETS)
-    totals, _ = train_totals(model, criterion, images, TARGETS, steps=30)
+    totals, _ = train_totals(model, criterion, images, TARGETS, steps=45)  # shared heads: slower than per-layer
     assert sum(totals[-5:]) / 5 < 0.6 * sum(totals[:5]) / 5, totals
 
 

@@ -175,10 +175,16 @@ class DeformableDETR(nn.Module):
         if cfg.two_stage:
             self.enc_output, self.enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
         self._build_queries(cfg)
-        num_heads = cfg.decoder_layers + cfg.two_stage if cfg.box_refine else 1  # two-stage: the last scores proposals
+        num_heads = self._num_heads(cfg)
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads))
         self._reset_parameters()
+
+    @staticmethod
+    def _num_heads(cfg: ModelConfig) -> int:
+        """Class/box head pairs: one per decoder layer with box refinement (two-stage: one more, the last, scores
+        the proposals), else one shared."""
+        return cfg.decoder_layers + cfg.two_stage if cfg.box_refine else 1
 
     def _build_queries(self, cfg: ModelConfig) -> None:
         """The modules that make decoder queries: from proposals (two-stage) or learned embeddings."""
@@ -325,18 +331,26 @@ class DeformableDETR(nn.Module):
             scaled = reference[:, :, None] * scale
             tgt = layer(tgt, self._query_pos(pos, scaled), scaled, memory, self_attn_mask)
             class_head, box_head = self._head(i)
-            delta = box_head(tgt)
+            out = self._output_norm(tgt)  # what the heads read (DINO: normalised); the references follow `tgt`
+            delta = box_head(out)
             if reference.shape[-1] == 4:
                 box = (delta + inverse_sigmoid(refined)).sigmoid()
             else:  # a 2-D reference point places the centre only
                 box = torch.cat((delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]), -1).sigmoid()
-            logits.append(class_head(tgt))
+            logits.append(class_head(out))
             boxes.append(box)
-            if self.box_refine:
-                # look-forward-twice: the next box builds on this one with gradient to this layer's delta only
-                refined = (delta + inverse_sigmoid(reference)).sigmoid() if self.look_forward_twice else box.detach()
-                reference = box.detach()
+            if self.box_refine and self.look_forward_twice:
+                # the next box builds on this layer's reference with gradient to this layer's delta only
+                step = delta if out is tgt else box_head(tgt)
+                refined = (step + inverse_sigmoid(reference)).sigmoid()
+                reference = refined.detach()
+            elif self.box_refine:
+                refined = reference = box.detach()
         return DecoderOutput(torch.stack(logits), torch.stack(boxes))
+
+    def _output_norm(self, tgt: Tensor) -> Tensor:
+        """A decoder layer's output as the heads read it: as it is (DINO: through a final LayerNorm)."""
+        return tgt
 
     def _query_pos(self, pos: Tensor, reference: Tensor) -> Tensor:
         """A decoder layer's positional query given its reference `[B, K, L, 2 | 4]`: fixed (DINO: from the box)."""

@@ -28,8 +28,10 @@ class DINO(DeformableDETR):
       negatives decoded beside the detection queries under the DN mask (`models/denoising.py`);
     - the encoder loss on the selected proposals (`enc_` terms, the reference's "interm" outputs).
 
-    Decoder heads are one per layer (box_refine), not shared as in the reference's default. Any anchor group
-    is decoded like the selected proposals: given content is used, else the learned content queries in slot
+    As the reference's defaults, the decoder layers share one class head and one box head (`dino_shared_heads`;
+    the proposal heads are their own) and the heads read each layer's output through a final LayerNorm
+    (`dino_decoder_norm`), while the next layer's reference box is refined from the un-normalised output.
+    Any anchor group is decoded like the selected proposals: given content is used, else the learned content queries in slot
     order (cycled for larger groups), so decoding `learned_queries(B, memory)` reproduces the detections.
     Distillation groups never see the detection queries, the denoising groups or each other.
     """
@@ -39,8 +41,25 @@ class DINO(DeformableDETR):
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__(dataclasses.replace(cfg, two_stage=True, box_refine=True), num_classes)
         self.look_forward_twice = True
+        self.shared_heads = cfg.dino_shared_heads
+        self.decoder_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.dino_decoder_norm else None
         dn = cfg.denoising
         self.denoising = DenoisingGenerator(dn, num_classes, cfg.hidden_dim) if dn.enabled else None
+
+    @staticmethod
+    def _num_heads(cfg: ModelConfig) -> int:
+        """Shared heads: one pair for every decoder layer and one for the encoder's proposals."""
+        return 2 if cfg.dino_shared_heads else DeformableDETR._num_heads(dataclasses.replace(cfg, box_refine=True,
+                                                                                             two_stage=True))
+
+    def _head(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        if not self.shared_heads:
+            return super()._head(layer)
+        i = 1 if layer == self.num_decoder_layers else 0  # the proposal heads are the last pair
+        return self.class_embed[i], self.bbox_embed[i]
+
+    def _output_norm(self, tgt: Tensor) -> Tensor:
+        return tgt if self.decoder_norm is None else self.decoder_norm(tgt)
 
     def _build_queries(self, cfg: ModelConfig) -> None:
         self.tgt_embed = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
