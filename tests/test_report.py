@@ -125,3 +125,13 @@ def test_a_finished_benchmark_states_its_wall_time(bench_records):
     (bench_records / "bench.json").write_text(json.dumps(manifest | {"minutes": 12.34}))
     assert report.results_table(records.load_bench(bench_records)).endswith(
         "- wall time of the whole command: 12.3 min")
+
+
+def test_a_printing_benchmark_is_recorded_whole_and_put_back_in_its_block(tmp_path):
+    records.save_output(tmp_path / "speed_kd", "kddetr bench speed --only kd", "### KD overhead\n\n| a | b |")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:speed_kd -->\nold\n<!-- /results -->\n")
+    assert report.main([str(tmp_path), "--readme", str(readme), "--figures", str(tmp_path / "docs")]) == 0
+    assert readme.read_text() == ("<!-- results:speed_kd -->\n```bash\nkddetr bench speed --only kd\n```\n\n"
+                                  "### KD overhead\n\n| a | b |\n<!-- /results -->\n")
+    assert not (tmp_path / "docs").exists()  # nothing to draw for printed tables

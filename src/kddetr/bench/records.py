@@ -14,6 +14,7 @@ import yaml
 from kddetr.errors import UserError
 
 MANIFEST = "bench.json"
+OUTPUT = "output.json"  # a benchmark that prints its tables (`kddetr bench speed`): its command and what it printed
 # file in the run directory -> file in its record
 RUN_FILES = {"config.yaml": "config.yaml", "metrics.jsonl": "metrics.jsonl", "test/metrics.json": "test_metrics.json"}
 
@@ -38,6 +39,25 @@ def save_run(run: Path, dest: Path) -> None:
     command = run.parent / f"{run.name}.command.json"
     if command.is_file():
         _write(dest / "command.json", command.read_text())
+
+
+def save_output(root: Path, command: str, output: str) -> None:
+    """`root/output.json`: a printing benchmark's command and its printed tables, as one record."""
+    root.mkdir(parents=True, exist_ok=True)
+    _write(root / OUTPUT, json.dumps({"command": command, "output": output}, indent=1) + "\n")
+
+
+@dataclass
+class Printed:
+    """A printing benchmark's record: the command and what it printed."""
+    name: str
+    command: str
+    output: str
+
+
+def load_output(root: Path) -> Printed:
+    record = json.loads((root / OUTPUT).read_text())
+    return Printed(root.name, record["command"], record["output"])
 
 
 def _write(path: Path, text: str) -> None:

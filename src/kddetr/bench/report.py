@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from kddetr.bench.records import MANIFEST, Bench, RunRecord, load_bench
+from kddetr.bench.records import MANIFEST, OUTPUT, Bench, Printed, RunRecord, load_bench, load_output
 from kddetr.errors import UserError
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm")
@@ -120,23 +120,24 @@ def curves(bench: Bench, out: Path) -> Path:
     return out
 
 
-def block(bench: Bench) -> str:
-    """What the README holds between a benchmark's markers: its command and its table."""
-    return f"```bash\n{bench.command}\n```\n\n{results_table(bench)}\n"
+def block(bench: Bench | Printed) -> str:
+    """What the README holds between a benchmark's markers: its command and its table (or printed tables)."""
+    body = bench.output.strip() if isinstance(bench, Printed) else results_table(bench)
+    return f"```bash\n{bench.command}\n```\n\n{body}\n"
 
 
-def find_benches(roots: Sequence[Path]) -> dict[str, Bench]:
-    benches = {}
+def find_benches(roots: Sequence[Path]) -> dict[str, Bench | Printed]:
+    benches: dict[str, Bench | Printed] = {}
     for root in roots:
-        folders = [root] if (root / MANIFEST).is_file() else sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+        folders = sorted({p.parent for name in (MANIFEST, OUTPUT) for p in [*root.glob(name), *root.glob(f"*/{name}")]})
         if not folders:
-            raise UserError(f"{root}: no benchmark records ({MANIFEST}) in it or its folders")
+            raise UserError(f"{root}: no benchmark records ({MANIFEST} or {OUTPUT}) in it or its folders")
         for folder in folders:
-            benches[folder.name] = load_bench(folder)
+            benches[folder.name] = load_bench(folder) if (folder / MANIFEST).is_file() else load_output(folder)
     return benches
 
 
-def update_readme(text: str, benches: dict[str, Bench]) -> tuple[str, list[str]]:
+def update_readme(text: str, benches: dict[str, Bench | Printed]) -> tuple[str, list[str]]:
     """`text` with every `<!-- results:NAME -->` block regenerated; also the names of the blocks that changed."""
     changed: list[str] = []
 
@@ -170,7 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1 if changed else 0
     for name, bench in benches.items():
         print(f"## {name}\n\n{block(bench)}")
-        curves(bench, args.figures / f"results_{name}.png")
+        if isinstance(bench, Bench):
+            curves(bench, args.figures / f"results_{name}.png")
     args.readme.write_text(text)
     print(f"{args.readme}: {len(changed)} results block(s) updated; curves in {args.figures}/results_*.png")
     return 0

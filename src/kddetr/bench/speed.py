@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import gc
 import itertools
+import shlex
 import multiprocessing
 import statistics
 import sys
@@ -518,6 +519,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="also time a KD step with model.channels_last flipped")
     p.add_argument("--quick", action="store_true", help="one round, small point counts and sizes (for tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    p.add_argument("--records", type=Path, help="also save the command and its printed tables here (output.json), "
+                                                 "for `kddetr bench report`")
     return p
 
 
@@ -537,6 +540,13 @@ def run(args: argparse.Namespace) -> Iterator[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    printed = []
     for text in run(args):
         print(text + "\n", flush=True)
+        printed.append(text)
+    if args.records:
+        from kddetr.bench.records import save_output
+
+        argv = list(argv if argv is not None else sys.argv[1:])
+        save_output(args.records, "kddetr bench speed " + shlex.join(argv), "\n\n".join(printed))
     return 0
