@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -123,7 +124,8 @@ def training_rss(num_images: int, workers: int, tmp: Path, epochs: int = 2) -> l
         time.sleep(0.2)
     if proc.returncode != 0:
         raise RuntimeError(f"training for the RSS probe failed: {proc.stderr.read()[-500:]}")
-    return per_epoch
+    done = len(metrics.read_text().splitlines())
+    return per_epoch + [peak] * (done - len(per_epoch))  # epochs that ended between the last two looks
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,23 +136,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--detections", type=int, default=DETECTIONS, help="scored detections per image")
     p.add_argument("--train-images", type=int, default=10_000, help="dataset size of the training-RSS probe (0: skip)")
     p.add_argument("--workers", type=int, default=2, help="loader processes of the training-RSS probe")
+    p.add_argument("--only", choices=("load", "eval", "train-rss"), action="append",
+                   help="parts to run (repeatable; default all)")
+    p.add_argument("--records", type=Path, help="also save the command and what it printed here (output.json)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        load = load_benchmark(args.images, args.boxes, Path(tmp))
-    evaluation = eval_benchmark(args.eval_images, args.detections)
-    rss = []
-    if args.train_images:
+    parts = args.only or ["load", "eval", "train-rss"]
+    lines = []
+    if "load" in parts or "eval" in parts:
+        lines.append("| what | size | seconds | peak RSS (MiB) | of which imports (MiB) |\n|---|---|---:|---:|---:|")
+    if "load" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            load = load_benchmark(args.images, args.boxes, Path(tmp))
+        lines.append(f"| load annotations (CocoDetection) | {args.images} images, {args.boxes} boxes, {CATEGORIES} "
+                     f"classes | {load['seconds']:.1f} | {load['peak_rss_mib']:.0f} | {load['imports_rss_mib']:.0f} |")
+    if "eval" in parts:
+        evaluation = eval_benchmark(args.eval_images, args.detections)
+        lines.append(f"| COCO evaluation (faster-coco-eval) | {args.eval_images} images x {args.detections} "
+                     f"detections | {evaluation['seconds']:.1f} | – | – |")
+    if "train-rss" in parts and args.train_images:
         with tempfile.TemporaryDirectory() as tmp:
             rss = training_rss(args.train_images, args.workers, Path(tmp))
-    print("| what | size | seconds | peak RSS (MiB) | of which imports (MiB) |\n|---|---|---:|---:|---:|")
-    print(f"| load annotations (CocoDetection) | {args.images} images, {args.boxes} boxes, {CATEGORIES} classes "
-          f"| {load['seconds']:.1f} | {load['peak_rss_mib']:.0f} | {load['imports_rss_mib']:.0f} |")
-    print(f"| COCO evaluation (faster-coco-eval) | {args.eval_images} images x {args.detections} detections "
-          f"| {evaluation['seconds']:.1f} | – | – |")
-    if len(rss) >= 2:
-        print(f"\nTraining over {args.train_images} images ({args.workers} loader workers): peak RSS of the process "
-              f"tree {rss[0]:.0f} MiB by the end of epoch 1, {rss[1]:.0f} MiB by the end of epoch 2 "
-              f"(growth over the second epoch: {rss[1] - rss[0]:+.0f} MiB)")
+        lines.append(f"\nTraining over {args.train_images} images ({args.workers} loader workers): peak RSS of the "
+                     f"process tree {rss[0]:.0f} MiB by the end of epoch 1, {rss[-1]:.0f} MiB by the end of epoch "
+                     f"{len(rss)} (growth after the first epoch: {rss[-1] - rss[0]:+.0f} MiB)")
+    text = "\n".join(lines)
+    print(text)
+    if args.records:
+        from kddetr.bench.records import save_output
+
+        argv = list(argv if argv is not None else sys.argv[1:])
+        save_output(args.records, "kddetr bench coco-scale " + shlex.join(argv), text)
     return 0
 
 
