@@ -82,7 +82,7 @@ def gains(bench: Bench, split: str) -> list[str]:
             per_seed = ", ".join(f"{kd[s] - base[s]:+.1f}" for s in common)  # type: ignore[index]
             lines.append(f"- KD-DETR general+specific − {other}: **{gain:+.1f} AP** on {split} "
                          + (f"(mean of seeds {', '.join(map(str, common))}: {per_seed})" if len(common) > 1
-                            else f"(seed {common[0]})"))
+                            else "(the config's seed)" if common[0] is None else f"(seed {common[0]})"))
     teacher = (bench.teacher.get(split) or {}).get("AP")
     if teacher is not None:
         lines.append(f"- teacher − KD-DETR general+specific: {teacher - _mean(list(kd.values())):.1f} AP on {split}"
