@@ -357,7 +357,7 @@ def loader_table(bench: Bench, data: Path, workers: Sequence[int]) -> str:
     base = t["batches in memory"]
     rows = [(name, t[name], t[name] / base) for name in fns]
     size = tuple(memory[0][0].tensors.shape[-2:])
-    return markdown(f"input pipeline: KD step, batch {batch} from {data} (first batch {size} px)",
+    return markdown(f"input pipeline: KD step, batch {batch} from {data} (first batch {size} px; wall-clock)",
                     ["fed by", "s/step", "ratio to in-memory"], rows)
 
 
