@@ -112,7 +112,8 @@ def test_kd_bench_starts_for_dino(tmp_path, monkeypatch):
     """A dry run with tiny settings: the DINO teacher is trained, the demo variants run, the table is written."""
     monkeypatch.chdir(REPO)
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "kddetr", "data", "synth", "--out", str(data), "--train", "8", "--val", "4"],
+    subprocess.run([sys.executable, "-m", "kddetr", "data", "synth", "--out", str(data), "--train", "8", "--val", "4",
+                    "--test", "4"],
                    check=True, stdout=subprocess.DEVNULL)
     tiny = ["train.max_steps=2", "train.epochs=1", "train.batch_size=4", "model.encoder_layers=1",
             "model.decoder_layers=1", "kd.general_points=5"]
