@@ -16,6 +16,7 @@ import yaml
 
 from kddetr.bench import records
 from kddetr.errors import UserError
+from kddetr.viz import read_metrics
 
 # name -> (command, extra --set overrides); every student run shares the student config, schedule and seed.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -149,7 +150,7 @@ def finished(run: Path) -> bool:
     says), with a checkpoint and a final evaluation. A run killed midway has evaluations too: they do not count."""
     if not ((run / "last").is_dir() and (run / "metrics.jsonl").is_file() and (run / "config.yaml").is_file()):
         return False
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(run)
     if not rows or "AP" not in rows[-1]:
         return False
     train = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {})
@@ -159,13 +160,13 @@ def finished(run: Path) -> bool:
 
 
 def _final(run: Path) -> dict:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(run)
     evaluated = [r for r in rows if "AP" in r]
     return evaluated[-1] if evaluated else {}
 
 
 def _steps_time(run: Path) -> float:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(run)
     times = sorted(r["s_per_step"] for r in rows)
     return times[len(times) // 2] if times else float("nan")
 

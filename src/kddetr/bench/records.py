@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from kddetr.errors import UserError
+from kddetr.viz import read_metrics
 
 MANIFEST = "bench.json"
 OUTPUT = "output.json"  # a benchmark that prints its tables (`kddetr bench speed`): its command and what it printed
@@ -121,7 +122,7 @@ def load_bench(root: Path) -> Bench:
         record = RunRecord(row["variant"], row["seed"], row["slug"])
         folder = root / row["slug"]
         if (folder / "metrics.jsonl").is_file():
-            record.epochs = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            record.epochs = read_metrics(folder)
         if (folder / "test_metrics.json").is_file():
             record.test = json.loads((folder / "test_metrics.json").read_text())
         if (folder / "config.yaml").is_file():
