@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kddetr.bench.kd_gain import ARCHS, VARIANTS, _final, _slug, ensure_teacher, main, run_variant, table
+from kddetr.bench.kd_gain import ARCHS, VARIANTS, Row, _final, _slug, ensure_teacher, main, run_row, table
 from kddetr.errors import UserError
 from kddetr.config import BackboneConfig
 
@@ -59,7 +59,9 @@ def fake_runs(monkeypatch):
     def fake_run(args, **kwargs):
         calls.append(args)
         run = Path(args[args.index("--out") + 1])
-        if args[3] == "eval":  # the bench's test-split evaluation of a finished run
+        if args[3] == "eval":  # the bench's evaluation of a finished run (or of the teacher) on a split
+            run.parent.mkdir(parents=True, exist_ok=True)
+            run.write_text(json.dumps({"AP": 3.0, "AP50": 9.0}))
             return
         (run / "last").mkdir(parents=True)
         (run / "config.yaml").write_text("train: {epochs: 1}\n")
@@ -83,11 +85,37 @@ def test_the_teacher_is_trained_first_unless_given(tmp_path, fake_runs):
 def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, fake_runs):
     config, data = Path("configs/embedded_dino_student.yaml"), tmp_path / "data"
     name = "KD-DETR general+specific"
-    first = run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1)
-    assert run_variant(name, config, tmp_path / "teacher_a", data, tmp_path, [], 1) == first and len(fake_runs) == 1
+    first = run_row(Row(name), config, tmp_path / "teacher_a", data, tmp_path, [], 1)
+    assert run_row(Row(name), config, tmp_path / "teacher_a", data, tmp_path, [], 1) == first and len(fake_runs) == 1
     with pytest.raises(UserError, match="started by another command.*teacher_a"):
-        run_variant(name, config, tmp_path / "teacher_b", data, tmp_path, [], 1)
+        run_row(Row(name), config, tmp_path / "teacher_b", data, tmp_path, [], 1)
     assert len(fake_runs) == 1
+
+
+def test_rows_with_committed_records_are_not_trained_again(tmp_path, fake_runs, monkeypatch):
+    """A fresh clone has the records but no run directories: the rows recorded by the same recipe are taken from
+    the records; a row whose recipe changed (here: another lr) is trained again."""
+    monkeypatch.chdir(REPO)
+    data, records_dir = tmp_path / "data", tmp_path / "records"
+    (data / "annotations").mkdir(parents=True)
+    for split in ("val", "test"):
+        (data / "annotations" / f"instances_{split}.json").write_text("{}")
+    argv = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--records", str(records_dir), "--jobs",
+            "1", "--threads", "1", "--variants", "student (no KD)", "Hungarian KD"]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    trained = [a for a in fake_runs if a[3] in ("train", "distill")]
+    assert [a[3] for a in trained] == ["train", "distill"]
+    assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
+
+    fake_runs.clear()
+    assert main([*argv, "--out", str(tmp_path / "fresh_clone")]) == 0
+    assert [a for a in fake_runs if a[3] in ("train", "distill")] == []
+    assert "| Hungarian KD | 3.0 | 9.0 |" in (tmp_path / "fresh_clone" / "table.md").read_text()
+    assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0  # still the whole command's
+
+    assert main([*argv, "--out", str(tmp_path / "other_lr"), "--set", "train.lr=1e-3"]) == 0
+    assert [a[3] for a in fake_runs if a[3] in ("train", "distill")] == ["train", "distill"]
+    assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
 
 
 def test_a_run_killed_midway_is_resumed_not_reused(tmp_path):

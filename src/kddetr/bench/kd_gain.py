@@ -75,18 +75,38 @@ def schedule_overrides(schedule: str, teacher: Path) -> list[str]:
     return [f"train.epochs={train['epochs']}", f"train.lr_drop_epochs=[{drops}]", "train.eval_every=2"]
 
 
-def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
-            threads: int) -> Path:
+def row_recipe(row: Row, config: Path, teacher: Path, data: Path, overrides: Sequence[str]) -> dict:
+    """What starts the row's run: its `kddetr` command, config, data, teacher and overrides (seed and variant
+    included). A run, or a committed record, is only taken for the row when its recipe is this one."""
     command, extra = VARIANTS[row.variant]
     seed = [] if row.seed is None else [f"train.seed={row.seed}"]
-    run = _run(command, row.slug, config, data, out, [*overrides, *seed, *extra], threads, teacher)
+    return recipe(command, config, data, teacher, [*overrides, *seed, *extra])
+
+
+def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], overrides: Sequence[str]) -> dict:
+    return {"command": command, "config": str(config), "data": str(data),
+            "teacher": None if teacher is None else str(teacher), "overrides": list(overrides)}
+
+
+def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
+            threads: int) -> Path:
+    run = _run(row.slug, row_recipe(row, config, teacher, data, overrides), out, threads)
     evaluate_split(run / "last", data, "test", run / "test" / "metrics.json", threads)
     return run
 
 
-def run_variant(name: str, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
-                threads: int) -> Path:
-    return run_row(Row(name), config, teacher, data, out, overrides, threads)
+def recorded(row: Row, wanted: dict, root: Optional[Path]) -> Optional[records.RunRecord]:
+    """The row's committed record in `root` when it holds a finished run (test AP) started by `wanted`: such a row
+    is not trained again (weights are never committed, so a fresh clone has only the records)."""
+    if root is None:
+        return None
+    folder = root / row.slug
+    command = folder / "command.json"
+    if not (command.is_file() and (folder / "test_metrics.json").is_file()):
+        return None
+    if json.loads(command.read_text()) != wanted:
+        return None
+    return records.load_run(folder, row.variant, row.seed)
 
 
 def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads: int) -> Optional[dict]:
@@ -101,31 +121,30 @@ def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads:
     return json.loads(out.read_text())
 
 
-def _run(command: str, slug: str, config: Path, data: Path, out: Path, overrides: Sequence[str], threads: int,
-         teacher: Optional[Path] = None) -> Path:
-    """`kddetr train|distill` into `out/slug` (resumed if started, reused if finished); returns the run dir.
+def _run(slug: str, wanted: dict, out: Path, threads: int) -> Path:
+    """`kddetr train|distill` as `wanted` (a `recipe`) into `out/slug` (resumed if started, reused if finished);
+    returns the run dir.
 
-    A run is only resumed or reused when it was started by the same command (config, data, teacher,
-    overrides), recorded in `out/slug.command.json`: another teacher must not pass for this one.
+    A run is only resumed or reused when it was started by the same recipe, recorded in `out/slug.command.json`:
+    another teacher must not pass for this one.
     """
     run = out / slug
-    recipe = {"command": command, "config": str(config), "data": str(data),
-              "teacher": None if teacher is None else str(teacher), "overrides": list(overrides)}
     record = out / f"{slug}.command.json"
-    if (run / "last").is_dir() and record.is_file() and json.loads(record.read_text()) != recipe:
+    if (run / "last").is_dir() and record.is_file() and json.loads(record.read_text()) != wanted:
         raise UserError(f"{run}: started by another command ({record}: {record.read_text().strip()}); "
                         "use another --out or delete the run")
     if finished(run):
         return run  # reuse a finished run
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(recipe) + "\n")
-    args = [sys.executable, "-m", "kddetr", command, str(config), "--data", str(data), "--out", str(run),
+    record.write_text(json.dumps(wanted) + "\n")
+    command = wanted["command"]
+    args = [sys.executable, "-m", "kddetr", command, wanted["config"], "--data", wanted["data"], "--out", str(run),
             "--no-progress"]
     if command == "distill":
-        args += ["--teacher", str(teacher)]
+        args += ["--teacher", wanted["teacher"]]
     if (run / "last").is_dir():
         args.append("--resume")
-    for item in overrides:
+    for item in wanted["overrides"]:
         args += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     print("$ " + " ".join(args[1:]).replace(sys.executable, "python"), flush=True)
@@ -141,7 +160,7 @@ def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, ov
     config, _, shipped = ARCHS[arch]
     if teacher is not None or shipped is not None:
         return teacher or shipped  # type: ignore[return-value]
-    run = _run("train", "teacher", config, data, out, overrides, threads)
+    run = _run("teacher", recipe("train", config, data, None, overrides), out, threads)
     return run / "best" if (run / "best").is_dir() else run / "last"
 
 
@@ -167,7 +186,7 @@ def _final(run: Path) -> dict:
 
 def _steps_time(run: Path) -> float:
     rows = read_metrics(run)
-    times = sorted(r["s_per_step"] for r in rows)
+    times = sorted(r["s_per_step"] for r in rows if "s_per_step" in r)
     return times[len(times) // 2] if times else float("nan")
 
 
@@ -244,33 +263,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              "metrics.json", args.threads) for split in ("val", "test")}
     manifest = dict(arch=args.arch, schedule=args.schedule, rows=rows, teacher=teacher_metrics,
                     argv=list(argv if argv is not None else sys.argv[1:]))
-    if args.records:
-        records.save_manifest(args.records, **manifest)
+    reused = {row: recorded(row, row_recipe(row, config, args.teacher, args.data, overrides), args.records)
+              for row in rows}
+    reused = {row: record for row, record in reused.items() if record is not None}
+    if reused:
+        print(f"{len(reused)} of {len(rows)} rows taken from their records in {args.records}: "
+              + ", ".join(row.slug for row in reused), flush=True)
+    if args.records:  # a wall time is only kept when nothing is trained again: it was the whole command's
+        kept = records.recorded_minutes(args.records) if len(reused) == len(rows) else None
+        records.save_manifest(args.records, **manifest, minutes=kept)
 
-    def work(row: Row) -> Path:
+    def work(row: Row) -> tuple[Optional[dict], dict, float]:
+        """The row's (test metrics or None, last evaluated epoch, median s/step): from its record, else trained."""
+        if row in reused:
+            record = reused[row]
+            return record.test, record.final_val, record.s_per_step
         run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads)
         if args.records:
             records.save_run(run, args.records / row.slug)
-        return run
+        test = run / "test" / "metrics.json"
+        return (json.loads(test.read_text()) if test.is_file() else None), _final(run), _steps_time(run)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(work, rows))
+        outcomes = list(pool.map(work, rows))
     split = "test" if teacher_metrics["test"] is not None else "val"
     results = [(f"{row.variant}" + ("" if row.seed is None else f", seed {row.seed}"),
-                _test_or_final(run, split), _steps_time(run)) for row, run in zip(rows, runs)]
+                (test if split == "test" else final) or {}, step) for row, (test, final, step) in zip(rows, outcomes)]
     md = table(results, teacher_metrics[split])
     (args.out / "table.md").write_text(md + "\n")
     bar_chart(results, teacher_metrics[split].get("AP"), args.out / "kd_gain.png", split)
     print(f"COCO AP on the {split} split\n\n{md}")
     minutes = (time.time() - start) / 60
-    if args.records:
+    if args.records and not reused:  # the wall time of the whole command: only when it trained every row
         records.save_manifest(args.records, **manifest, minutes=minutes)
     print(f"\n{len(rows)} runs in {minutes:.1f} min; table.md and kd_gain.png in {args.out}")
     return 0
-
-
-def _test_or_final(run: Path, split: str) -> dict:
-    return json.loads((run / "test" / "metrics.json").read_text()) if split == "test" else _final(run)
 
 
 if __name__ == "__main__":

@@ -117,16 +117,24 @@ def load_bench(root: Path) -> Bench:
     if not manifest_file.is_file():
         raise UserError(f"{manifest_file}: not found; not a benchmark records directory")
     manifest = json.loads(manifest_file.read_text())
-    runs = []
-    for row in manifest["rows"]:
-        record = RunRecord(row["variant"], row["seed"], row["slug"])
-        folder = root / row["slug"]
-        if (folder / "metrics.jsonl").is_file():
-            record.epochs = read_metrics(folder)
-        if (folder / "test_metrics.json").is_file():
-            record.test = json.loads((folder / "test_metrics.json").read_text())
-        if (folder / "config.yaml").is_file():
-            record.config = yaml.safe_load((folder / "config.yaml").read_text())
-        runs.append(record)
+    runs = [load_run(root / row["slug"], row["variant"], row["seed"]) for row in manifest["rows"]]
     return Bench(root.name, manifest["command"], manifest["arch"], manifest["schedule"], manifest["teacher"], runs,
                  manifest.get("minutes"))
+
+
+def load_run(folder: Path, variant: str, seed: Optional[int]) -> RunRecord:
+    """One row's record from its folder; a row not run yet (no folder) gives an empty record."""
+    record = RunRecord(variant, seed, folder.name)
+    if (folder / "metrics.jsonl").is_file():
+        record.epochs = read_metrics(folder)
+    if (folder / "test_metrics.json").is_file():
+        record.test = json.loads((folder / "test_metrics.json").read_text())
+    if (folder / "config.yaml").is_file():
+        record.config = yaml.safe_load((folder / "config.yaml").read_text())
+    return record
+
+
+def recorded_minutes(root: Path) -> Optional[float]:
+    """The wall time stored in `root`'s manifest, if any."""
+    manifest = root / MANIFEST
+    return json.loads(manifest.read_text()).get("minutes") if manifest.is_file() else None
