@@ -35,12 +35,14 @@ def test_table_formats_missing_sizes_as_dash():
 REPO = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_each_arch_has_a_teacher_and_a_student_config_with_the_same_kd_block(arch):
     from kddetr.config import load_config
     from kddetr.models.build import build_detector, count_parameters
 
-    teacher_path, student_path, shipped = ARCHS[arch]
+    from kddetr.models.registry import spec
+
+    teacher_path, student_path, shipped = spec(arch).teacher_config, spec(arch).student_config, spec(arch).shipped_teacher
     teacher_cfg, student_cfg = load_config(REPO / teacher_path), load_config(REPO / student_path)
     assert teacher_cfg.model.arch == student_cfg.model.arch == arch
     assert student_cfg.kd == load_config(REPO / "configs/embedded_student.yaml").kd

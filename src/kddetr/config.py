@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from kddetr.errors import UserError
+from kddetr.models.registry import REGISTRY
 
 
 @dataclass
@@ -249,7 +250,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
 
 
 _CHOICES = {
-    ("ModelConfig", "arch"): ("dab_detr", "deformable_detr", "dino", "faster_rcnn"),
+    ("ModelConfig", "arch"): tuple(REGISTRY),
     ("ModelConfig", "activation"): ("relu", "prelu", "gelu"),
     ("ModelConfig", "group_isolation"): ("separate", "mask", "batch"),
     ("BackboneConfig", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),

@@ -22,10 +22,8 @@ from torch import Tensor, nn
 
 from kddetr.config import Config, load_config
 from kddetr.models.protocol import ImageBatch, Queries
+from kddetr.models.registry import REGISTRY, spec
 
-# arch -> an embedded config of it (random weights: parity does not depend on training)
-PARITY_CONFIGS = {"dab_detr": "configs/embedded_student.yaml", "deformable_detr": "configs/embedded_deformable_student.yaml",
-                  "dino": "configs/embedded_dino_student.yaml", "faster_rcnn": "configs/embedded_frcnn_student.yaml"}
 PARITY_TOLERANCE = 1e-3
 
 
@@ -64,14 +62,14 @@ def parity(arch: str, device: torch.device, size: int = 128) -> Check:
     from kddetr.models.build import build_detector
 
     torch.manual_seed(0)
-    model = build_detector(_model_config(PARITY_CONFIGS[arch]).model, 10).eval()
+    model = build_detector(_model_config(spec(arch).student_config).model, 10).eval()  # random weights suffice
     images = _random_images(2, size, torch.device("cpu"))
     anchors = Queries(torch.rand(2, 20, 4, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.25)
 
     def outputs(m: nn.Module, imgs: ImageBatch, queries: Queries) -> list[Tensor]:
         with torch.no_grad():
             decoded = m.decode(m.encode(imgs), queries)
-            full = [] if arch == "faster_rcnn" else [m(imgs).pred_logits, m(imgs).pred_boxes]
+            full = [m(imgs).pred_logits, m(imgs).pred_boxes] if spec(arch).set_prediction else []
         return [decoded.logits, decoded.boxes, *full]
 
     reference = outputs(model, images, anchors)
@@ -161,7 +159,8 @@ def checks(device: torch.device, data: Path, teacher: Path, steps: int, size: in
     """(name, check) pairs: the name stands in the table when the check raises."""
     kddetr = [sys.executable, "-m", "kddetr"]
     plan: list[tuple[str, Callable[[], Check]]] = [
-        (f"parity {arch}", lambda a=arch: parity(a, device)) for arch in PARITY_CONFIGS]
+        (f"parity {arch}", lambda a=arch: parity(a, device))
+        for arch, entry in REGISTRY.items() if entry.student_config]
     plan += [(f"{kind} {dtype}", lambda k=kind, d=dtype: amp_steps(k, d, device, data, teacher, steps))
              for kind in ("train", "distill") for dtype in (torch.bfloat16, torch.float16)]
     plan.append(("COCO KD step memory", lambda: coco_memory(device, size=size)))

@@ -16,6 +16,7 @@ import yaml
 
 from kddetr.bench import records
 from kddetr.errors import UserError
+from kddetr.models.registry import REGISTRY, spec
 from kddetr.viz import read_metrics
 
 # name -> (command, extra --set overrides); every student run shares the student config, schedule and seed.
@@ -29,13 +30,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 DEMO_VARIANTS = ("student (no KD)", "KD-DETR general+specific")
 SEEDED_VARIANTS = DEMO_VARIANTS  # the rows a claim rests on: run under every --seeds seed
-# arch -> (teacher config, student config, trained teacher checkpoint or None: trained first into OUT/teacher)
-ARCHS: dict[str, tuple[Path, Path, Optional[Path]]] = {
-    "dab_detr": (Path("configs/embedded_teacher.yaml"), Path("configs/embedded_student.yaml"), Path("assets/teacher")),
-    "deformable_detr": (Path("configs/embedded_deformable_teacher.yaml"),
-                        Path("configs/embedded_deformable_student.yaml"), None),
-    "dino": (Path("configs/embedded_dino_teacher.yaml"), Path("configs/embedded_dino_student.yaml"), None),
-}
+# the architectures with an embedded teacher and student pair (the registry's); a shipped teacher is used as it is,
+# else the teacher is trained first into OUT/teacher
+ARCHS = [arch for arch, entry in REGISTRY.items() if entry.teacher_config and entry.student_config]
 
 
 def _slug(name: str) -> str:
@@ -157,10 +154,10 @@ def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, ov
                    threads: int) -> Path:
     """The teacher checkpoint: `teacher` if given, the arch's shipped one, else trained from its config into
     `out/teacher` (best checkpoint, or last when it never evaluated better)."""
-    config, _, shipped = ARCHS[arch]
-    if teacher is not None or shipped is not None:
-        return teacher or shipped  # type: ignore[return-value]
-    run = _run("teacher", recipe("train", config, data, None, overrides), out, threads)
+    entry = spec(arch)
+    if teacher is not None or entry.shipped_teacher is not None:
+        return teacher or entry.shipped_teacher  # type: ignore[return-value]
+    run = _run("teacher", recipe("train", entry.teacher_config, data, None, overrides), out, threads)
     return run / "best" if (run / "best").is_dir() else run / "last"
 
 
@@ -227,7 +224,7 @@ def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="kddetr bench kd", description=__doc__)
-    p.add_argument("--arch", choices=list(ARCHS), default="dab_detr",
+    p.add_argument("--arch", choices=ARCHS, default="dab_detr",
                    help="detector of teacher and student: its configs/embedded_*.yaml pair")
     p.add_argument("--data", type=Path, default=Path("data/embedded"))
     p.add_argument("--teacher", type=Path, help="teacher checkpoint (default: assets/teacher for dab_detr, "
@@ -251,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     variants = list(DEMO_VARIANTS) if args.demo else args.variants
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.schedule == "full" else [])
     rows = plan_rows(variants, seeds, SEEDED_VARIANTS)
-    config = args.config or ARCHS[args.arch][1]
+    config = args.config or spec(args.arch).student_config
     suffix = "" if args.schedule == "short" else "_full"
     args.out = args.out or Path(("runs/bench_kd" if args.arch == "dab_detr" else f"runs/bench_kd_{args.arch}") + suffix)
     args.out.mkdir(parents=True, exist_ok=True)

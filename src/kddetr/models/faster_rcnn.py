@@ -216,3 +216,8 @@ class RCNNCriterion(nn.Module):
         if outputs.losses is None:
             raise ValueError("criterion: the detector returned no losses (train mode with targets needed)")
         return dict(outputs.losses)
+
+
+def build_criterion(cfg: ModelConfig, num_classes: int) -> RCNNCriterion:
+    """Faster R-CNN's losses come from its own forward (torchvision's RPN and RoI heads)."""
+    return RCNNCriterion()

@@ -1,0 +1,57 @@
+"""The detector registry: one entry per architecture holds everything the rest of kddetr needs to know about it."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from kddetr.errors import UserError
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """An architecture: where its detector and training loss are built, and how the tools treat it.
+
+    `model` and `criterion` name a callable as "module:attribute", imported only when first built, each called
+    with `(model config, number of classes)`."""
+
+    arch: str
+    name: str  # for tables and messages
+    model: str
+    criterion: str
+    num_select: int  # (query, class) pairs scored per image at evaluation, as its reference implementation
+    set_prediction: bool = True  # one-to-one predictions matched to the ground truth (Hungarian KD applies)
+    student_config: Optional[Path] = None  # a student that learns on the embedded data (CPU checks, benches)
+    teacher_config: Optional[Path] = None  # its teacher there; with it `kddetr bench kd --arch` runs the pair
+    shipped_teacher: Optional[Path] = None  # a committed trained teacher (else the bench trains one first)
+
+
+SPECS = (
+    DetectorSpec("dab_detr", "DAB-DETR", "kddetr.models.dab_detr:DABDETR", "kddetr.models.criterion:build_criterion",
+                 300, student_config=Path("configs/embedded_student.yaml"),
+                 teacher_config=Path("configs/embedded_teacher.yaml"), shipped_teacher=Path("assets/teacher")),
+    DetectorSpec("deformable_detr", "Deformable DETR", "kddetr.models.deformable_detr:DeformableDETR",
+                 "kddetr.models.criterion:build_criterion", 100,
+                 student_config=Path("configs/embedded_deformable_student.yaml"),
+                 teacher_config=Path("configs/embedded_deformable_teacher.yaml")),
+    DetectorSpec("dino", "DINO", "kddetr.models.dino:DINO", "kddetr.models.criterion:build_criterion", 300,
+                 student_config=Path("configs/embedded_dino_student.yaml"),
+                 teacher_config=Path("configs/embedded_dino_teacher.yaml")),
+    DetectorSpec("faster_rcnn", "Faster R-CNN", "kddetr.models.faster_rcnn:FasterRCNN",
+                 "kddetr.models.faster_rcnn:build_criterion", 100, set_prediction=False,
+                 student_config=Path("configs/embedded_frcnn_student.yaml")),
+)
+REGISTRY: dict[str, DetectorSpec] = {spec.arch: spec for spec in SPECS}
+
+
+def spec(arch: str) -> DetectorSpec:
+    if arch not in REGISTRY:
+        raise UserError(f"model.arch: unknown architecture {arch!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[arch]
+
+
+def load(target: str) -> Any:
+    """The attribute named by "module:attribute"."""
+    module, attribute = target.split(":")
+    return getattr(importlib.import_module(module), attribute)
