@@ -71,8 +71,8 @@ class ModelConfig:
     random_refpoints_xy: bool = False
     modulate_hw_attn: bool = True
     temperature: float = 20.0  # image sine positional encoding temperature, H and W (DAB-DETR pe_temperatureH/W)
-    # extra query groups: separate (one decoder pass each) | mask (one pass, block-diagonal mask) |
-    # batch (groups stacked along the batch axis, memory repeated; `kddetr bench speed` compares them)
+    # extra query groups: separate (one decoder pass each) | batch (groups stacked along the batch axis, memory
+    # repeated; `kddetr bench speed` compares them)
     group_isolation: str = "batch"
     channels_last: bool = True  # backbone convolutions on channels-last images: ~20% faster on CPU, same results
     # Deformable DETR: feature levels (the last min(n, 3) backbone stages, then stride-2 convolutions),
@@ -155,7 +155,6 @@ class KDConfig:
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
     seed: int = 1234
-    teacher_inference_mode: bool = False  # teacher under torch.inference_mode instead of no_grad (outputs copied out)
     # class KD with an explicit background: a zero logit is appended to both models' per-class logits before the
     # softmax KL (for students whose logits are log-odds against background, e.g. Faster R-CNN; see faster_rcnn.py)
     cls_background: bool = False
@@ -252,7 +251,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
 _CHOICES = {
     ("ModelConfig", "arch"): tuple(REGISTRY),
     ("ModelConfig", "activation"): ("relu", "prelu", "gelu"),
-    ("ModelConfig", "group_isolation"): ("separate", "mask", "batch"),
+    ("ModelConfig", "group_isolation"): ("separate", "batch"),
     ("BackboneConfig", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
     ("KDConfig", "method"): ("kd_detr", "hungarian", "none"),
     ("KDConfig", "general_distribution"): ("uniform", "logit_normal"),

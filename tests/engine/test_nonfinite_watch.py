@@ -7,7 +7,7 @@ import torch
 from kddetr.config import load_config
 from kddetr.data.synth import generate
 from kddetr.engine.runner import run_training
-from kddetr.engine.train import NonFiniteLossError, NonFiniteWatch
+from kddetr.engine.nonfinite import NonFiniteLossError, NonFiniteWatch
 
 TINY = Path(__file__).parent.parent / "fixtures" / "tiny.yaml"
 

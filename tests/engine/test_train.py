@@ -10,7 +10,7 @@ from kddetr.config import load_config
 from kddetr.data.synth import generate
 from kddetr.engine.checkpoint import load_checkpoint
 from kddetr.engine.runner import run_training
-from kddetr.engine.train import NonFiniteLossError
+from kddetr.engine.nonfinite import NonFiniteLossError
 from kddetr.models.build import build_detector, count_parameters
 
 TINY = Path(__file__).parent.parent / "fixtures" / "tiny.yaml"
@@ -112,7 +112,7 @@ def test_compiled_distillation_trains_like_eager(data_dir, teacher, tmp_path):
 
 def test_optimizer_is_fused_and_steps_like_foreach():
     """The trainer's fused AdamW (faster) takes the same steps as the default multi-tensor one."""
-    from kddetr.engine.train import build_optimizer
+    from kddetr.engine.optim import build_optimizer
     cfg = _cfg()
     torch.manual_seed(0)
     models = [build_detector(cfg.model, 10) for _ in range(2)]
@@ -138,7 +138,7 @@ def test_optimizer_is_fused_and_steps_like_foreach():
 @pytest.mark.parametrize("two_stage", [False, True])
 def test_deformable_offsets_and_reference_points_learn_at_a_tenth_of_the_rate(two_stage):
     """As the reference's lr_linear_proj_mult: one group per multiplier, the rest at lr, the backbone at lr_backbone."""
-    from kddetr.engine.train import build_optimizer
+    from kddetr.engine.optim import build_optimizer
     cfg = load_config(None, ["model.arch=deformable_detr", "model.backbone.name=resnet10", "model.hidden_dim=32",
                              "model.num_heads=4", "model.encoder_layers=1", "model.decoder_layers=2",
                              "model.dim_feedforward=64", "model.num_queries=5", f"model.two_stage={two_stage}",

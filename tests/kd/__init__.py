@@ -2,7 +2,6 @@
 import torch
 
 from kddetr.kd.distiller import Distiller
-from kddetr.kd.losses import DistillationLoss
 from kddetr.kd.points import GeneralPoints
 
 
@@ -11,7 +10,7 @@ def kd_on_fresh_points_ratio(distiller: Distiller, images, targets, steps: int, 
     student, teacher = distiller.student, distiller.teacher
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
     held_out = GeneralPoints(64, "uniform", seed=12345)(images.batch_size, torch.device("cpu"))
-    measure = DistillationLoss(distiller.cfg)
+    measure = distiller.terms.point_loss
 
     def fresh_kd() -> float:
         student.eval()

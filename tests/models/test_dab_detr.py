@@ -11,7 +11,6 @@ from kddetr.config import BackboneConfig, ModelConfig, from_dict
 from kddetr.errors import UserError
 from kddetr.models.build import build_detector, count_parameters
 from kddetr.models.dab_detr import DABDETR
-from kddetr.models.query_groups import block_diagonal_mask
 from kddetr.models.protocol import Detector, ImageBatch, Queries
 
 from . import assert_groups_isolated, extra_groups, image_batch
@@ -86,16 +85,18 @@ def test_padding_is_invisible() -> None:
     assert not torch.allclose(padded.logits[:, 0], padded.logits[:, 1], atol=1e-3)
 
 
-@pytest.mark.parametrize("isolation", ["separate", "mask"])
+@pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_extra_groups_are_isolated(isolation: str) -> None:
     model = tiny_model(group_isolation=isolation).eval()
     nn.init.normal_(model.bbox_embed.layers[-1].weight, std=0.1)
     assert_groups_isolated(model)
 
 
-def test_isolation_modes_agree_and_the_mask_matters() -> None:
+def test_isolation_modes_agree_and_a_block_mask_isolates_as_well() -> None:
+    """Separate and batch-stacked passes agree; one joint pass under a block-diagonal `self_attn_mask` (per
+    batch or per image) gives the same, and without the mask the groups mix."""
     separate = tiny_model(group_isolation="separate").eval()
-    masked = tiny_model(group_isolation="mask").eval()
+    masked = tiny_model(group_isolation="batch").eval()
     masked.load_state_dict(separate.state_dict())
     images, groups = image_batch(), extra_groups()
     with torch.no_grad():
@@ -105,7 +106,7 @@ def test_isolation_modes_agree_and_the_mask_matters() -> None:
         joint = Queries(torch.cat([g.anchors for g in every], dim=1),
                         torch.cat([torch.zeros(2, g.num_queries, 32) if g.content is None else g.content
                                    for g in every], dim=1))
-        mask = block_diagonal_mask([g.num_queries for g in every])
+        mask = ~torch.block_diag(*[torch.ones(g.num_queries, g.num_queries, dtype=torch.bool) for g in every])
         blocked = masked.decode(memory, joint, self_attn_mask=mask)
         per_image = masked.decode(memory, joint, self_attn_mask=mask.expand(2, -1, -1))
         mixed = masked.decode(memory, joint)
@@ -131,7 +132,7 @@ def test_learned_queries_reproduce_the_detection_outputs() -> None:
     torch.testing.assert_close(decoded.boxes, out.boxes, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(pre_norm_layers=True, activation="relu", group_isolation="mask")])
+@pytest.mark.parametrize("options", [dict(), dict(pre_norm_layers=True, activation="relu", group_isolation="separate")])
 def test_gradients_reach_every_trainable_parameter(options: dict) -> None:
     model = tiny_model(**options).train()
     nn.init.normal_(model.bbox_embed.layers[-1].weight, std=0.1)  # zero at init blocks the box head's gradient
@@ -172,7 +173,7 @@ def test_config_and_parameter_count() -> None:
 
 
 def test_runs_under_bfloat16_autocast() -> None:
-    model = tiny_model(group_isolation="mask").eval()
+    model = tiny_model(group_isolation="batch").eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(image_batch(), extra_queries=extra_groups())
         reference = model.decode(model.encode(image_batch()), extra_groups()[1])

@@ -90,7 +90,7 @@ def test_one_stage_anchor_groups_use_the_nearest_learned_query_at_the_anchor_cen
     assert not torch.allclose(shifted.boxes, detections.boxes, atol=1e-3)
 
 
-@pytest.mark.parametrize("isolation", ["separate", "mask"])
+@pytest.mark.parametrize("isolation", ["separate", "batch"])
 @pytest.mark.parametrize("variant", ["plain", "two_stage"])
 def test_extra_groups_are_isolated(variant: str, isolation: str) -> None:
     model = tiny_model(group_isolation=isolation, **VARIANTS[variant]).eval()

@@ -110,7 +110,7 @@ def test_mask_rule() -> None:
     assert blocked[1, :, [1, 3]].sum() == 2 * 9 - 2 and not blocked[1, 1, 1] and not blocked[1, 3, 3]  # padding
 
 
-@pytest.mark.parametrize("isolation", ["separate", "mask"])
+@pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_denoising_does_not_change_the_detection_and_extra_outputs(isolation: str) -> None:
     detector = model(group_isolation=isolation)
     images, targets = batch()
@@ -137,7 +137,7 @@ def test_no_denoising_at_inference_or_without_targets() -> None:
 
 def test_groups_and_padding_are_isolated_in_the_decoder() -> None:
     """Changing one denoising group (or a padding query) changes nothing else; detection queries do reach them."""
-    detector = model(group_isolation="mask")
+    detector = model(group_isolation="batch")
     images, targets = batch()
 
     def decode(dn, learned):

@@ -117,7 +117,7 @@ def test_decoder_layers_share_their_heads_and_read_a_normalised_output() -> None
     assert len(separate.class_embed) == 4 and separate.decoder_norm is None
 
 
-@pytest.mark.parametrize("isolation", ["separate", "mask", "batch"])
+@pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_denoising_groups_do_not_leak(isolation: str) -> None:
     """Changing one denoising group changes neither the detection queries, nor the other group, nor KD groups."""
     model = tiny_model(group_isolation=isolation).train()
@@ -149,7 +149,7 @@ def test_denoising_groups_do_not_leak(isolation: str) -> None:
         assert_same(got, ref)
 
 
-@pytest.mark.parametrize("isolation", ["separate", "mask", "batch"])
+@pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_kd_groups_are_isolated(isolation: str) -> None:
     model = tiny_model(group_isolation=isolation).eval()
     assert_groups_isolated(model)

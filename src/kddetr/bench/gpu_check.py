@@ -86,7 +86,7 @@ def amp_steps(kind: str, dtype: torch.dtype, device: torch.device, data: Path, t
     autocast `dtype` (fp16 with gradient scaling): the loss must fall and stay finite."""
     from kddetr.data.coco import build_dataset
     from kddetr.data.collate import collate
-    from kddetr.engine.runner import build_objective
+    from kddetr.engine.objective import build_objective
 
     cfg = load_config("configs/embedded_student.yaml")
     dataset = build_dataset(data, "train", cfg.data, train=False)
@@ -129,8 +129,8 @@ def coco_memory(device: torch.device, batch: int = 8, size: int = 800, num_class
     teacher_cfg = _model_config("configs/coco_dab_detr_r50_teacher.yaml")
     student = build_detector(student_cfg.model, num_classes).to(device)
     teacher = build_detector(teacher_cfg.model, num_classes).to(device)
-    distiller = Distiller(student, teacher, build_criterion(student_cfg.model, num_classes), student_cfg.kd,
-                          teacher_autocast=torch.bfloat16).to(device).train()
+    distiller = Distiller(student, teacher, build_criterion(student_cfg.model, num_classes),
+                          student_cfg.kd).to(device).train()
     images, targets = _random_images(batch, size, device), _random_targets(batch, num_classes, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

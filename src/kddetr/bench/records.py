@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -30,7 +30,7 @@ from kddetr.config import Config, load_config
 from kddetr.data.coco import build_dataset
 from kddetr.data.collate import collate
 from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
-from kddetr.engine.train import fused_adamw_ok
+from kddetr.engine.optim import fused_adamw_ok
 from kddetr.errors import UserError
 from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
@@ -155,21 +155,18 @@ def kd_table(bench: Bench) -> str:
            "teacher forward": teacher_forward(bench)}
     distiller = bench.distiller(student)
 
-    def kd_step(distiller: Distiller, isolation: str, inference_mode: bool = False,
-                forward: Optional[Callable[..., Any]] = None) -> Step:
+    def kd_step(distiller: Distiller, isolation: str, forward: Optional[Callable[..., Any]] = None) -> Step:
         call = distiller if forward is None else forward
         step = bench.train_step(distiller.student, kd_loss(bench, call))
 
         def run() -> None:
             distiller.student.group_isolation = distiller.teacher.group_isolation = isolation
-            distiller.teacher_inference_mode = inference_mode
             step()
         return run
 
     for mode in ISOLATION_MODES:
         fns[f"KD step ({mode})"] = kd_step(distiller, mode)
     default = bench.cfg.model.group_isolation
-    fns[f"KD step ({default}, teacher inference_mode)"] = kd_step(distiller, default, inference_mode=True)
     if bench.compile:
         fns[f"KD step ({default}, torch.compile)"] = kd_step(distiller, default, forward=torch.compile(distiller))
     if bench.channels_last:  # the other memory layout for the backbones (model.channels_last)
@@ -218,7 +215,7 @@ def teacher_points_forward(bench: Bench, distiller: Distiller, groups: list[Quer
     """The teacher's encoder and its decoding of the distillation groups (its targets), no grad."""
     def run() -> None:
         with torch.no_grad(), bench.autocast():
-            distiller.teacher_decode(bench.teacher.encode(bench.images), groups)
+            bench.teacher.decode_groups(bench.teacher.encode(bench.images), groups)
     return run
 
 
@@ -325,7 +322,7 @@ def inference_table(bench: Bench) -> str:
 def loader_table(bench: Bench, data: Path, workers: Sequence[int]) -> str:
     """A KD step fed by the real training DataLoader (train transforms, pinned memory on CUDA, persistent workers)
     against the same step on batches already in memory; wall-clock, since the workers are other processes."""
-    from kddetr.engine.train import make_loader
+    from kddetr.data.loader import make_loader
 
     dataset = build_dataset(data, bench.cfg.data.train_split, bench.cfg.data, train=True)
     batch = bench.images.batch_size

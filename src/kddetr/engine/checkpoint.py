@@ -34,6 +34,14 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.category_ids)
 
+    def check_matches(self, source: str, category_ids: list[int]) -> None:
+        """One clear error when a dataset's categories are not the ones `source` was trained on."""
+        if self.category_ids != category_ids:
+            only_ckpt = sorted(set(self.category_ids) - set(category_ids))
+            only_data = sorted(set(category_ids) - set(self.category_ids))
+            raise UserError(f"{source}: category ids differ from the dataset's "
+                            f"(only in checkpoint: {only_ckpt or 'none'}; only in data: {only_data or 'none'})")
+
 
 @dataclass
 class Checkpoint:

@@ -9,11 +9,14 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from kddetr.config import Config
+from kddetr.data.loader import load_datasets, make_loader
 from kddetr.engine import distributed as dist
 from kddetr.engine.checkpoint import load_checkpoint
 from kddetr.engine.evaluate import evaluate, print_metrics_table
 from kddetr.engine.finetune import InitRequest, init_from_checkpoint
-from kddetr.engine.train import DetectionObjective, Trainer, load_datasets, make_loader, seed_everything
+from kddetr.engine.objective import build_objective
+from kddetr.engine.seeding import seed_everything
+from kddetr.engine.train import Trainer
 from kddetr.errors import UserError
 from kddetr.models.build import num_select
 
@@ -21,34 +24,6 @@ from kddetr.models.build import num_select
 def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
-
-
-def _check_categories(source: str, ids: list[int], expected: list[int]) -> None:
-    if ids != expected:
-        only_ckpt = sorted(set(ids) - set(expected))
-        only_data = sorted(set(expected) - set(ids))
-        raise UserError(f"{source}: category ids differ from the dataset's "
-                        f"(only in checkpoint: {only_ckpt or 'none'}; only in data: {only_data or 'none'})")
-
-
-def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teacher: Optional[Path],
-                    device: torch.device) -> torch.nn.Module:
-    from kddetr.models.build import build_criterion, build_detector
-
-    student = build_detector(cfg.model, num_classes)
-    criterion = build_criterion(cfg.model, num_classes)
-    if teacher is None or cfg.kd.method == "none":
-        return DetectionObjective(student, criterion)
-    from kddetr.kd.baselines import HungarianKD
-    from kddetr.kd.distiller import Distiller
-
-    ckpt = load_checkpoint(teacher, device)
-    _check_categories(str(teacher), ckpt.dataset.category_ids, category_ids)
-    if cfg.kd.method == "hungarian" and not hasattr(criterion, "matcher"):
-        raise UserError(f"kd.method: hungarian needs a set-prediction (DETR) student, not {cfg.model.arch}")
-    baseline = HungarianKD(criterion.matcher, cfg.kd.temperature) if cfg.kd.method == "hungarian" else None
-    autocast = torch.bfloat16 if cfg.train.amp else None
-    return Distiller(student, ckpt.model, criterion, cfg.kd, teacher_autocast=autocast, baseline=baseline)
 
 
 def run_training(cfg: Config, data_dir: Path, out_dir: Path, device: str = "cpu", resume: bool = False,
@@ -100,7 +75,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, out: Optio
     with dist.process_group(device) as torch_device:
         ckpt = load_checkpoint(checkpoint, torch_device)
         dataset = build_dataset(Path(data_dir), split, ckpt.config.data, train=False)
-        _check_categories(str(checkpoint), ckpt.dataset.category_ids, dataset.category_ids)
+        ckpt.dataset.check_matches(str(checkpoint), dataset.category_ids)
         sampler = DistributedSampler(dataset, shuffle=False) if dist.world_size() > 1 else None
         loader = make_loader(dataset, batch_size, False, ckpt.config.data.num_workers, sampler, torch_device)
         metrics, results = evaluate(ckpt.model, loader, dataset, torch_device, top_k=num_select(ckpt.config.model),

@@ -151,8 +151,11 @@ def _query_index(indices: Indices) -> tuple[Tensor, Tensor]:
     return batch_idx, torch.cat([q for q, _ in indices])
 
 
-def build_criterion(cfg: ModelConfig, num_classes: int) -> SetCriterion:
+def build_matcher(cfg: ModelConfig) -> HungarianMatcher:
     loss = cfg.loss
-    matcher = HungarianMatcher(loss.match_cls_cost, loss.match_bbox_cost, loss.match_giou_cost,
-                               loss.focal_alpha, loss.focal_gamma)
-    return SetCriterion(num_classes, matcher, loss, dn_loss_weight=cfg.denoising.loss_weight)
+    return HungarianMatcher(loss.match_cls_cost, loss.match_bbox_cost, loss.match_giou_cost, loss.focal_alpha,
+                            loss.focal_gamma)
+
+
+def build_criterion(cfg: ModelConfig, num_classes: int) -> SetCriterion:
+    return SetCriterion(num_classes, build_matcher(cfg), cfg.loss, dn_loss_weight=cfg.denoising.loss_weight)

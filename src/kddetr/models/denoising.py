@@ -123,12 +123,11 @@ def decode_with_denoising(inputs: Sequence[GroupInputs], denoising: DenoisingGro
     """Outputs of `[denoising, *groups]` from their decoder inputs (`inputs[0]`: the denoising queries',
     `inputs[1]`: the detection queries', as in `query_groups.decode_groups`).
 
-    Denoising and detection queries share one pass under `denoising_attn_mask`; the other groups join that
-    pass when `mode` is "mask", else `query_groups.decode_groups` decodes them on their own.
+    Denoising and detection queries share one pass under `denoising_attn_mask`; `query_groups.decode_groups`
+    decodes the other groups on their own (`mode`).
     """
-    joint = len(inputs) if mode == "mask" else min(2, len(inputs))
-    sizes = [parts[0].shape[1] for parts in inputs[:joint]]
+    sizes = [parts[0].shape[1] for parts in inputs[:2]]
     mask = denoising_attn_mask(denoising.valid, denoising.num_groups, sizes[1:])
-    outputs = split_groups(decode(*[torch.cat(parts, 1) for parts in zip(*inputs[:joint])], memory, mask), sizes)
-    rest = inputs[joint:]
+    outputs = split_groups(decode(*[torch.cat(parts, 1) for parts in zip(*inputs[:2])], memory, mask), sizes)
+    rest = inputs[2:]
     return outputs + (decode_groups(rest, memory, decode, mode) if rest else [])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -165,6 +165,10 @@ class FasterRCNN(TorchvisionFasterRCNN):
         rois = [to_pixels(a, size) for a, size in zip(queries.anchors, memory.image_sizes)]
         return self._output(memory, rois, *self.roi_predictions(memory, rois))
 
+    def decode_groups(self, memory: RCNNMemory, groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
+        """RoI predictions never see each other: every group is decoded on its own."""
+        return [self.decode(memory, q) for q in groups]
+
     def _padded_proposals(self, memory: RCNNMemory) -> list[Tensor]:
         count = max(1, max(len(p) for p in memory.proposals))
         return [pad_cyclic(p, count, size) for p, size in zip(memory.proposals, memory.image_sizes)]
@@ -191,7 +195,7 @@ class FasterRCNN(TorchvisionFasterRCNN):
         rois = self._padded_proposals(memory)
         class_logits, deltas = self.roi_predictions(memory, rois)
         detections = self._output(memory, rois, class_logits, deltas)
-        extra = [self.decode(memory, q) for q in extra_queries or []]
+        extra = self.decode_groups(memory, extra_queries or [])
         out = DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra)
         if self.training and targets is not None:
             _, roi_losses = self.roi_heads(memory.features, memory.proposals, memory.image_sizes,

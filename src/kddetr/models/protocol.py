@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -90,16 +90,26 @@ def class_slots_by_prefix(module: torch.nn.Module, prefixes: tuple[str, ...],
 
 @runtime_checkable
 class Detector(Protocol):
-    """What a detector offers to the distiller and the trainer (docs/CONVENTIONS.md)."""
+    """What a detector offers to the distiller, the trainer and the tools (docs/adding-a-detector.md)."""
 
     num_classes: int
     num_decoder_layers: int
 
-    def encode(self, images: ImageBatch) -> Any: ...
+    def encode(self, images: ImageBatch) -> Any:
+        """The image encoding every decoding of the step reads (backbone and encoder run once)."""
+        ...
 
-    def decode(self, memory: Any, queries: Optional[Queries] = None) -> DecoderOutput: ...
+    def decode(self, memory: Any, queries: Optional[Queries] = None) -> DecoderOutput:
+        """Per-layer predictions at `queries` (`None`: the detector's own detection queries)."""
+        ...
 
-    def learned_queries(self, batch_size: int) -> Queries: ...
+    def decode_groups(self, memory: Any, groups: Sequence[Optional[Queries]]) -> list[DecoderOutput]:
+        """`decode` of every group, each isolated from the others (none sees another in self-attention)."""
+        ...
+
+    def learned_queries(self, batch_size: int, memory: Any = None) -> Queries:
+        """The detector's own detection queries; query-selecting detectors choose them from `memory`."""
+        ...
 
     def lr_multipliers(self) -> dict[str, float]:
         """Parameter-name fragments -> learning-rate multiplier (parameters matching none train at the base rate)."""
@@ -110,4 +120,6 @@ class Detector(Protocol):
         ...
 
     def __call__(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
-                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput: ...
+                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
+        """Detection outputs, plus one isolated output per extra query group (in `DetectorOutput.extra`)."""
+        ...

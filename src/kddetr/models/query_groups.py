@@ -1,4 +1,4 @@
-"""Decoding query groups isolated from each other over one encoder memory: separate, masked or batch-stacked passes."""
+"""Decoding query groups isolated from each other over one encoder memory: separate or batch-stacked passes."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,17 +9,11 @@ from torch import Tensor
 
 from kddetr.models.protocol import DecoderOutput
 
-ISOLATION_MODES = ("separate", "mask", "batch")
+ISOLATION_MODES = ("separate", "batch")
 MAX_PADDING = 0.25  # batch mode: a group is padded into a larger one's pass if at most this fraction is padding
 
 GroupInputs = tuple[Tensor, ...]  # a detector's decoder inputs for one group, each `[B, K, ...]`
 Decode = Callable[..., DecoderOutput]  # decode(*inputs, memory, self_attn_mask) -> DecoderOutput
-
-
-def block_diagonal_mask(sizes: Sequence[int], device: torch.device | str | None = None) -> Tensor:
-    """`[N, N]` boolean self-attention mask, True = blocked, that keeps query groups of `sizes` apart."""
-    allowed = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=device) for n in sizes])
-    return ~allowed
 
 
 def split_groups(out: DecoderOutput, sizes: Sequence[int]) -> list[DecoderOutput]:
@@ -77,18 +71,14 @@ def _batch_stacked(inputs: Sequence[GroupInputs], memory: Any, decode: Decode) -
 def decode_groups(inputs: Sequence[GroupInputs], memory: Any, decode: Decode, mode: str) -> list[DecoderOutput]:
     """Decode every group of `inputs` so that no group sees another in self-attention.
 
-    `separate`: one decoder pass per group. `mask`: one pass over the concatenated groups under a
-    block-diagonal mask. `batch`: groups stacked along the batch axis over the repeated memory, one pass per
-    bucket of similar sizes (smaller groups padded, padding masked out). All three give the same outputs.
+    `separate`: one decoder pass per group. `batch`: groups stacked along the batch axis over the repeated
+    memory, one pass per bucket of similar sizes (smaller groups padded, padding masked out). Both give the
+    same outputs.
     """
     if mode not in ISOLATION_MODES:
         raise ValueError(f"unknown group isolation {mode!r}; expected one of {', '.join(ISOLATION_MODES)}")
     if mode == "separate" or len(inputs) == 1:
         return [decode(*parts, memory, None) for parts in inputs]
-    if mode == "mask":
-        sizes = [parts[0].shape[1] for parts in inputs]
-        joint = [torch.cat(parts, 1) for parts in zip(*inputs)]
-        return split_groups(decode(*joint, memory, block_diagonal_mask(sizes, joint[0].device)), sizes)
     outputs: list[Optional[DecoderOutput]] = [None] * len(inputs)
     for bucket in size_buckets([parts[0].shape[1] for parts in inputs]):
         if len(bucket) == 1:

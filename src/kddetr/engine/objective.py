@@ -1,0 +1,71 @@
+"""The training objective: what the trainer calls each step, and how one is built from a config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from kddetr.config import Config
+from kddetr.models.protocol import DetectorOutput, ImageBatch
+
+LossDict = dict[str, Tensor]
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the trainer may rely on. Calling it with a batch gives the student's outputs and its named losses,
+    already weighted (the trainer sums them); `student` is the module to optimise, evaluate and save; the extra
+    state (e.g. the distillation points' generator) is checkpointed beside it. The trainer wraps the whole
+    objective for DDP, so an objective uses its modules as they are."""
+
+    student: nn.Module
+
+    def __call__(self, images: ImageBatch, targets: list[dict[str, Tensor]]) -> tuple[DetectorOutput, LossDict]: ...
+
+    def extra_state(self) -> dict[str, Any]: ...
+
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...
+
+
+class DetectionObjective(nn.Module):
+    """Plain detector training: the criterion on the detection queries."""
+
+    def __init__(self, student: nn.Module, criterion: Callable[..., LossDict]) -> None:
+        super().__init__()
+        self.student = student
+        self.criterion = criterion
+
+    def forward(self, images: ImageBatch, targets: list[dict[str, Tensor]]) -> tuple[DetectorOutput, LossDict]:
+        outputs = self.student(images, targets)
+        return outputs, dict(self.criterion(outputs, targets))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teacher: Optional[Path],
+                    device: torch.device) -> nn.Module:
+    """The student with its criterion; with a `teacher` checkpoint and a KD method, the distiller around them.
+    `kd.method` is resolved here, once, into the loss terms it adds."""
+    from kddetr.engine.checkpoint import load_checkpoint
+    from kddetr.kd.distiller import Distiller, KDTerms
+    from kddetr.models.build import build_criterion, build_detector
+    from kddetr.models.criterion import build_matcher
+    from kddetr.models.registry import spec
+
+    student = build_detector(cfg.model, num_classes)
+    criterion = build_criterion(cfg.model, num_classes)
+    if teacher is None:
+        return DetectionObjective(student, criterion)
+    matcher = build_matcher(cfg.model) if spec(cfg.model.arch).set_prediction else None
+    terms = KDTerms.from_config(cfg.kd, matcher)
+    if not terms.needs_teacher:
+        return DetectionObjective(student, criterion)
+    ckpt = load_checkpoint(teacher, device)
+    ckpt.dataset.check_matches(str(teacher), category_ids)
+    return Distiller(student, ckpt.model, criterion, terms)
