@@ -40,8 +40,7 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     assert "6 general + 12 specific points" in titles[0]  # the teacher got 12 queries for the specific points
     kd_rows = dict(re.findall(r"^\| (KD step \(\w+\)|student step|teacher forward) \| [\d.e-]+ \| ([\d.e-]+) \|$",
                               out, flags=re.M))
-    assert set(kd_rows) == {"student step", "teacher forward", "KD step (separate)", "KD step (mask)",
-                            "KD step (batch)"}
+    assert set(kd_rows) == {"student step", "teacher forward", "KD step (separate)", "KD step (batch)"}
     assert abs(float(kd_rows["student step"]) + float(kd_rows["teacher forward"]) - 1) < 1e-2  # ratios to their sum
     assert len(re.findall(r"^\| part: (student step decoding the points too|teacher forward over the points) \|",
                           out, flags=re.M)) == 2

@@ -7,21 +7,31 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from kddetr.errors import UserError
-from kddetr.models.registry import REGISTRY
+from kddetr.models.registry import REGISTRY, load, spec
+
+
+def positive(default: Any) -> Any:
+    """A field that must be > 0 (checked on load)."""
+    return field(default=default, metadata={"positive": True})
+
+
+def options_class(arch: str) -> type:
+    """The dataclass of `arch`'s own config section."""
+    return load(spec(arch).options)
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101
+    name: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     weights: Optional[str] = None  # local .pth/.safetensors file (ImageNet or `kddetr pretrain-backbone`)
     frozen_bn: Optional[bool] = None  # None: frozen when weights are loaded, trainable over random init
     freeze_stem: Optional[bool] = None  # stem + stage 1 frozen; None: frozen when weights are loaded (as DETR)
-    num_stages: int = 4  # use stages 1..N (4 -> stride 32, 3 -> stride 16)
+    num_stages: int = 4  # use stages 1..N (4 -> stride 32, 3 -> stride 16); 1..4
     dilation: bool = False
     train: bool = True  # False freezes every backbone parameter
 
@@ -53,53 +63,47 @@ class DenoisingConfig:
 
 @dataclass
 class ModelConfig:
+    """What every detector reads, plus `options`: the architecture's own section, written `model.<arch>:` in
+    YAML and typed by the detector registry (e.g. `model.deformable_detr: {two_stage: true}`)."""
+
     arch: str = "dab_detr"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    hidden_dim: int = 256
-    num_heads: int = 8
+    hidden_dim: int = positive(256)
+    num_heads: int = positive(8)
     encoder_layers: int = 6
-    decoder_layers: int = 6
-    dim_feedforward: int = 2048
+    decoder_layers: int = positive(6)
+    dim_feedforward: int = positive(2048)
     dropout: float = 0.0
-    activation: str = "prelu"  # relu | prelu | gelu
-    # DAB-DETR `--pre_norm` (official and HF alike): a LayerNorm on the encoder output; layers stay post-norm
-    normalize_before: bool = False
-    pre_norm_layers: bool = False  # DETR-style pre-norm sublayers (LayerNorm before attention/FFN); not in DAB-DETR
-    num_queries: int = 300
+    activation: Literal["relu", "prelu", "gelu"] = "prelu"
+    num_queries: int = positive(300)
     num_classes: int = 0  # 0: taken from the dataset's categories
-    num_patterns: int = 0
-    random_refpoints_xy: bool = False
-    modulate_hw_attn: bool = True
-    temperature: float = 20.0  # image sine positional encoding temperature, H and W (DAB-DETR pe_temperatureH/W)
+    # multi-scale detectors (Deformable DETR, DINO, Faster R-CNN's FPN): the backbone stages they read (the last
+    # min(n, 3) stages, then stride-2 levels for the deformable ones)
+    num_feature_levels: int = 4
     # extra query groups: separate (one decoder pass each) | batch (groups stacked along the batch axis, memory
     # repeated; `kddetr bench speed` compares them)
-    group_isolation: str = "batch"
+    group_isolation: Literal["separate", "batch"] = "batch"
     channels_last: bool = True  # backbone convolutions on channels-last images: ~20% faster on CPU, same results
-    # Deformable DETR: feature levels (the last min(n, 3) backbone stages, then stride-2 convolutions),
-    # sampling points per head and level, iterative box refinement, two-stage (needs box_refine)
-    num_feature_levels: int = 4
-    num_points: int = 4
-    # learning-rate multiplier of the sampling offsets and reference-point projections (the reference's
-    # lr_linear_proj_mult; Deformable DETR and DINO)
-    lr_linear_proj_mult: float = 0.1
-    box_refine: bool = False
-    # DINO, as its reference by default: one class head and one box head shared by every decoder layer (the
-    # encoder's proposal heads stay separate), and a LayerNorm on each layer's output before the heads
-    dino_shared_heads: bool = True
-    dino_decoder_norm: bool = True
-    two_stage: bool = False  # the top num_queries encoder proposals become the decoder queries
-    # Faster R-CNN (arch faster_rcnn): FPN over the last num_feature_levels backbone stages plus a max-pooled
-    # level, hidden_dim channels; one anchor size (pixels) per FPN level; RPN keeps num_queries proposals per
-    # image; RoIs sampled per image for its loss; width of the two-layer RoI box head (torchvision defaults)
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    roi_batch_size: int = 512
-    roi_head_dim: int = 1024
     # (query, class) pairs scored per image at evaluation and prediction; 0: the architecture's default
     # (300 for DAB-DETR and DINO, 100 for Deformable DETR and Faster R-CNN, as their reference code)
     num_select: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    options: Any = None  # the architecture's section (its registry entry's `options` class); None: its defaults
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            self.options = options_class(self.arch)()
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes`, common fields and the architecture's options alike (by field name)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        common = {k: v for k, v in changes.items() if k in names}
+        own = {k: v for k, v in changes.items() if k not in names}
+        if "arch" in common and common["arch"] != self.arch and "options" not in common:
+            common["options"] = None  # another architecture: its own defaults
+        cfg = dataclasses.replace(self, **common)
+        return dataclasses.replace(cfg, options=dataclasses.replace(cfg.options, **own)) if own else cfg
 
 
 @dataclass
@@ -116,8 +120,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 8
+    epochs: int = positive(50)
+    batch_size: int = positive(8)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
@@ -132,7 +136,7 @@ class TrainConfig:
     max_steps: int = 0  # >0 stops after this many steps (for smoke tests and time-boxed runs)
     max_minutes: float = 0.0  # >0 stops after this many minutes of training
     log_every: int = 10
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     # steps between checks for a non-finite loss when stopping (0: every step on the CPU, every log_every on GPUs;
     # skipping a batch checks every step); fewer checks mean fewer host-device syncs
     nonfinite_check_every: int = 0
@@ -141,16 +145,16 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    method: str = "kd_detr"  # kd_detr | hungarian (inconsistent-points baseline) | none (no-KD student)
+    method: Literal["kd_detr", "hungarian", "none"] = "kd_detr"  # hungarian: inconsistent points; none: no KD
     general_points: int = 300
-    general_distribution: str = "logit_normal"  # uniform | logit_normal
+    general_distribution: Literal["uniform", "logit_normal"] = "logit_normal"
     specific_points: bool = True
     student_proposals: bool = False  # also distil at the student's own queries of the step (Faster R-CNN: its proposals)
-    cls_loss: str = "kl"  # kl (softmax KL, code) | bce (per-class sigmoid)
+    cls_loss: Literal["kl", "bce"] = "kl"  # kl (softmax KL, released code) | bce (per-class sigmoid)
     temperature: float = 10.0
     cls_normalize: bool = False  # False: sum over points (released code); True: FRW-weighted mean
     foreground_reweight: bool = True
-    layer_mode: str = "last"  # last: every student layer vs the teacher's last | layerwise
+    layer_mode: Literal["last", "layerwise"] = "last"  # last: every student layer vs the teacher's last
     cls_weight: float = 1.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
@@ -191,6 +195,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except UserError as e:
                 errors.append(str(e))
         raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -236,6 +245,8 @@ def _unknown_key(cls: type, key: str, where: str) -> UserError:
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise `UserError`."""
+    if cls is ModelConfig:
+        return _model_from_dict(data, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -248,33 +259,62 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     return obj
 
 
-_CHOICES = {
-    ("ModelConfig", "arch"): tuple(REGISTRY),
-    ("ModelConfig", "activation"): ("relu", "prelu", "gelu"),
-    ("ModelConfig", "group_isolation"): ("separate", "batch"),
-    ("BackboneConfig", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
-    ("KDConfig", "method"): ("kd_detr", "hungarian", "none"),
-    ("KDConfig", "general_distribution"): ("uniform", "logit_normal"),
-    ("KDConfig", "cls_loss"): ("kl", "bce"),
-    ("KDConfig", "layer_mode"): ("last", "layerwise"),
-    ("TrainConfig", "on_nonfinite"): ("stop", "skip"),
-}
+def _model_from_dict(data: dict, where: str) -> ModelConfig:
+    """The common fields, then the section named after the architecture (`model.<arch>`) with its options.
 
-_POSITIVE = {("ModelConfig", n) for n in ("hidden_dim", "num_heads", "decoder_layers", "dim_feedforward", "num_queries")}
-_POSITIVE |= {("TrainConfig", n) for n in ("epochs", "batch_size")}
-_POSITIVE |= {("BackboneConfig", "num_stages")}
-_POSITIVE |= {("ModelConfig", n) for n in ("roi_batch_size", "roi_head_dim")}
+    Configs written before the sections existed (checkpoints' config.yaml included) kept every option at the
+    top of `model`: the architecture's own are moved into its section; another architecture's are dropped
+    when they hold that architecture's default (they never did anything), else refused."""
+    data = dict(data)
+    arch = data.get("arch", ModelConfig.arch)
+    if arch not in REGISTRY:
+        raise UserError(f"{where}.arch: '{arch}' is not one of {', '.join(REGISTRY)}")
+    own = options_class(arch)
+    section = data.pop(arch, None) or {}
+    if not isinstance(section, dict):
+        raise UserError(f"{where}.{arch}: expected a mapping of {sorted(f.name for f in dataclasses.fields(own))}, "
+                        f"got {section!r}")
+    for other in REGISTRY:
+        if other != arch and other in data:
+            raise UserError(f"{where}.{other}: options of {other}, but {where}.arch is {arch}")
+    common = {f.name for f in dataclasses.fields(ModelConfig)} - {"options"}
+    for key in [k for k in data if k not in common]:
+        if key in _flat_names(own):
+            target = _flat_names(own)[key]
+            value = data.pop(key)
+            if target is not None:
+                section.setdefault(target, value)
+        elif (owner := _other_owner(key, arch)) is not None:
+            value = data.pop(key)
+            default = getattr(options_class(owner)(), _flat_names(options_class(owner))[key] or key, value)
+            if value != default:
+                raise UserError(f"{where}.{key}: an option of {owner} ({where}.{owner}.{key}), not of {arch}")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "options"}
+    hints = typing.get_type_hints(ModelConfig)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(ModelConfig, key, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    model = ModelConfig(**kwargs, options=from_dict(own, section, f"{where}.{arch}"))
+    validate(model, where)
+    return model
+
+
+def _flat_names(options: type) -> dict[str, Optional[str]]:
+    """Top-level `model` keys of configs from before the sections -> the option they became (None: dropped)."""
+    return {f.name: f.name for f in dataclasses.fields(options)} | getattr(options, "LEGACY_KEYS", {})
+
+
+def _other_owner(key: str, arch: str) -> Optional[str]:
+    return next((other for other in REGISTRY if other != arch and key in _flat_names(options_class(other))), None)
 
 
 def validate(obj: Any, where: str = "config") -> None:
     """Value checks that types alone cannot express."""
-    cls = type(obj).__name__
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        choices = _CHOICES.get((cls, f.name))
-        if choices and value not in choices:
-            raise UserError(f"{where}.{f.name}: '{value}' is not one of {', '.join(choices)}")
-        if (cls, f.name) in _POSITIVE and value <= 0:
+        if f.metadata.get("positive") and value <= 0:
             raise UserError(f"{where}.{f.name}: must be > 0, got {value}")
     if isinstance(obj, ModelConfig) and obj.hidden_dim % obj.num_heads:
         raise UserError(f"{where}.hidden_dim: {obj.hidden_dim} is not divisible by num_heads={obj.num_heads}")
@@ -284,8 +324,24 @@ def validate(obj: Any, where: str = "config") -> None:
         raise UserError(f"{where}.num_stages: must be 1..4, got {obj.num_stages}")
 
 
+def migrate_saved_config(data: dict) -> dict:
+    """A config saved by an earlier kddetr (a checkpoint's) as this one reads it: options removed since then,
+    which never changed results, are dropped (`kd.teacher_inference_mode`) or mapped (`model.group_isolation:
+    mask` -> `batch`); flat model options move into their section when the model config is read."""
+    kd, model = data.get("kd"), data.get("model")
+    if isinstance(kd, dict):
+        kd.pop("teacher_inference_mode", None)
+    if isinstance(model, dict) and model.get("group_isolation") == "mask":
+        model["group_isolation"] = "batch"
+    return data
+
+
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain data, as YAML holds it: a model's options under its architecture's name."""
+    data = dataclasses.asdict(cfg)
+    for model in [data] if isinstance(cfg, ModelConfig) else [data.get("model")] if isinstance(cfg, Config) else []:
+        model[model["arch"]] = model.pop("options")
+    return data
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

@@ -47,7 +47,7 @@ def test_mapped_classes_keep_their_rows_bit_exactly_and_new_ones_start_fresh(tmp
 
 def test_faster_rcnn_predictor_maps_class_rows_past_the_background(tmp_path):
     cfg = load_config("configs/embedded_frcnn_student.yaml", ["model.backbone.weights=null", "model.hidden_dim=32",
-                                                               "model.roi_head_dim=16"])
+                                                               "model.faster_rcnn.roi_head_dim=16"])
     torch.manual_seed(0)
     teacher = build_detector(cfg.model, 2)
     ckpt = save_checkpoint(tmp_path / "frcnn", teacher, cfg, DatasetInfo([1, 2], ["cat", "dog"]))

@@ -16,7 +16,8 @@ OVERRIDES = [
     "model.backbone.name=resnet10", "model.backbone.num_stages=3",
     "model.backbone.frozen_bn=false", "model.backbone.freeze_stem=false",
     "model.hidden_dim=64", "model.num_heads=4", "model.encoder_layers=1", "model.decoder_layers=2",
-    "model.dim_feedforward=256", "model.num_queries=10", "model.activation=relu", "model.normalize_before=true",
+    "model.dim_feedforward=256", "model.num_queries=10", "model.activation=relu",
+    "model.dab_detr.normalize_before=true",
     "data.train_sizes=[128]", "data.eval_size=128", "data.max_size=256", "data.hflip=false", "data.random_crop=false",
 ]
 

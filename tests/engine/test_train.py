@@ -141,8 +141,9 @@ def test_deformable_offsets_and_reference_points_learn_at_a_tenth_of_the_rate(tw
     from kddetr.engine.optim import build_optimizer
     cfg = load_config(None, ["model.arch=deformable_detr", "model.backbone.name=resnet10", "model.hidden_dim=32",
                              "model.num_heads=4", "model.encoder_layers=1", "model.decoder_layers=2",
-                             "model.dim_feedforward=64", "model.num_queries=5", f"model.two_stage={two_stage}",
-                             f"model.box_refine={two_stage}", "train.lr=1e-3", "train.lr_backbone=2e-4"])
+                             "model.dim_feedforward=64", "model.num_queries=5",
+                             f"model.deformable_detr.two_stage={two_stage}",
+                             f"model.deformable_detr.box_refine={two_stage}", "train.lr=1e-3", "train.lr_backbone=2e-4"])
     model = build_detector(cfg.model, 3)
     groups = build_optimizer(model, cfg.train).param_groups
     names = {id(p): n for n, p in model.named_parameters()}

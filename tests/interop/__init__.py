@@ -1,7 +1,6 @@
 """Checkpoint import/export tests; helpers shared by them."""
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ def tiny_config(**overrides) -> ModelConfig:
     """Hidden 32, 1 encoder + 2 decoder layers (the second exercises the per-layer query scaling), 6 queries."""
     cfg = ModelConfig(backbone=BackboneConfig(name="resnet10", num_stages=3, frozen_bn=True), hidden_dim=32,
                       num_heads=4, encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=6)
-    return dataclasses.replace(cfg, **overrides)
+    return cfg.replace(**overrides)
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -53,7 +53,8 @@ def test_import_matches_transformers(tmp_path: Path, weights_file: str) -> None:
     import_checkpoint("hf", tmp_path / "hf", tmp_path / "ckpt")
     ckpt = load_checkpoint(tmp_path / "ckpt")
     model = ckpt.config.model
-    assert (model.activation, model.normalize_before, model.temperature, model.num_heads) == ("relu", True, 10, 4)
+    assert (model.activation, model.num_heads) == ("relu", 4)
+    assert (model.options.normalize_before, model.options.temperature) == (True, 10)
     assert (model.backbone.name, model.backbone.num_stages, model.decoder_layers) == ("resnet10", 3, 2)
     assert ckpt.dataset.category_ids == [0, 1, 2, 3] and ckpt.dataset.category_names == NAMES
     error = max_error(ckpt.model, hf, *sample_inputs(2, 64, 64))
@@ -73,7 +74,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path: Path) -> None:
 
     import_checkpoint("hf", tmp_path / "hf", tmp_path / "back")
     back = load_checkpoint(tmp_path / "back")
-    assert back.dataset == EXPORT_DATASET and back.config.model.num_patterns == 2
+    assert back.dataset == EXPORT_DATASET and back.config.model.options.num_patterns == 2
     original = {k: v for k, v in model.state_dict().items() if not k.startswith("denoising.")}
     assert original.keys() == back.model.state_dict().keys()
     assert all(torch.equal(v, back.model.state_dict()[k]) for k, v in original.items())

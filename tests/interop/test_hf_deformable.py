@@ -1,7 +1,6 @@
 """HF transformers Deformable DETR directories: import (`kddetr import hf`) and export (`kddetr export --format hf`)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -56,9 +55,9 @@ def test_import_matches_transformers(tmp_path: Path, variant: str) -> None:
     import_checkpoint("hf", tmp_path / "hf", tmp_path / "ckpt")
     ckpt = load_checkpoint(tmp_path / "ckpt")
     model, want = ckpt.config.model, VARIANTS[variant]
-    assert (model.arch, model.num_feature_levels, model.box_refine, model.two_stage) == (
+    assert (model.arch, model.num_feature_levels, model.options.box_refine, model.options.two_stage) == (
         "deformable_detr", want["levels"], want["box_refine"], want["two_stage"])
-    assert (model.hidden_dim, model.num_points, model.activation, model.num_heads) == (32, 2, "gelu", 4)
+    assert (model.hidden_dim, model.options.num_points, model.activation, model.num_heads) == (32, 2, "gelu", 4)
     assert model.num_queries == (7 if want["two_stage"] else 6) and model.backbone.num_stages == 4
     assert ckpt.dataset.category_names == NAMES
     error = max_error(ckpt.model, hf)
@@ -69,8 +68,8 @@ def test_import_matches_transformers(tmp_path: Path, variant: str) -> None:
 @pytest.mark.parametrize("variant", ["one_level", "box_refine", "two_stage"])
 def test_export_loads_in_transformers_and_round_trips(tmp_path: Path, variant: str) -> None:
     want = VARIANTS[variant]
-    cfg = Config(model=dataclasses.replace(
-        tiny_config(), arch="deformable_detr", activation="relu", num_points=2, num_feature_levels=want["levels"],
+    cfg = Config(model=tiny_config().replace(
+        arch="deformable_detr", activation="relu", num_points=2, num_feature_levels=want["levels"],
         box_refine=want["box_refine"], two_stage=want["two_stage"]))
     model, hf, names = export_to_hf(cfg, transformers.DeformableDetrForObjectDetection, tmp_path)
     assert len(names) == len(hf.state_dict())  # every tied copy written: nothing is left to HF's tying
@@ -109,6 +108,6 @@ def test_timm_backbone_defaults() -> None:
 
 
 def test_export_refuses_what_hf_cannot_express() -> None:
-    cfg = dataclasses.replace(tiny_config(), arch="deformable_detr", activation="prelu")
+    cfg = tiny_config().replace(arch="deformable_detr", activation="prelu")
     with pytest.raises(UserError, match="model.activation"):
         hf_config(cfg, DatasetInfo([1], ["a"]))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from pathlib import Path
 
@@ -78,12 +77,12 @@ def outputs(model: nn.Module) -> tuple[Tensor, Tensor]:
 
 def official_pth(path: Path, two_stage: bool, **args) -> nn.Module:
     """Our random Deformable DETR saved as the official training script saves it; returns the model."""
-    cfg = dataclasses.replace(tiny_config(), arch="deformable_detr", activation="relu", num_points=2,
+    cfg = tiny_config().replace(arch="deformable_detr", activation="relu", num_points=2,
                               backbone=BackboneConfig(name="resnet10", num_stages=4, frozen_bn=True),
                               box_refine=two_stage, two_stage=two_stage, num_queries=7 if two_stage else 6)
     torch.manual_seed(0)
     model = randomise(build_detector(cfg, CLASSES))
-    state = to_official(model.state_dict(), cfg.decoder_layers, cfg.box_refine, cfg.two_stage)
+    state = to_official(model.state_dict(), cfg.decoder_layers, cfg.options.box_refine, cfg.options.two_stage)
     saved = {"model": state, "epoch": 49}
     if args:
         saved["args"] = argparse.Namespace(with_box_refine=two_stage, two_stage=two_stage, **args)
@@ -102,11 +101,11 @@ def test_import_keeps_outputs(tmp_path: Path, two_stage: bool) -> None:
     import_checkpoint("official", tmp_path / "checkpoint.pth", tmp_path / "ckpt", arch="deformable_detr")
     ckpt = load_checkpoint(tmp_path / "ckpt")
     cfg = ckpt.config.model
-    assert (cfg.arch, cfg.num_heads, cfg.num_points, cfg.num_feature_levels, cfg.activation) == (
+    assert (cfg.arch, cfg.num_heads, cfg.options.num_points, cfg.num_feature_levels, cfg.activation) == (
         "deformable_detr", 4, 2, 4, "relu")
     assert (cfg.hidden_dim, cfg.encoder_layers, cfg.decoder_layers, cfg.dim_feedforward) == (32, 1, 2, 64)
-    assert (cfg.box_refine, cfg.two_stage, cfg.num_queries, cfg.backbone.num_stages) == (two_stage, two_stage,
-                                                                                           7 if two_stage else 6, 4)
+    assert (cfg.options.box_refine, cfg.options.two_stage) == (two_stage, two_stage)
+    assert (cfg.num_queries, cfg.backbone.num_stages) == (7 if two_stage else 6, 4)
     assert ckpt.dataset.category_ids == list(range(CLASSES))
     (logits, boxes), (ref_logits, ref_boxes) = outputs(ckpt.model), outputs(model)
     error = max((logits - ref_logits).abs().max().item(), (boxes - ref_boxes).abs().max().item())
@@ -124,7 +123,7 @@ def test_heads_from_config_yaml_without_args(tmp_path: Path) -> None:
     import_checkpoint("official", tmp_path / "weights.pth", tmp_path / "ckpt", arch="deformable_detr",
                       config=tmp_path / "teacher.yaml")
     ckpt = load_checkpoint(tmp_path / "ckpt")
-    assert ckpt.config.train.lr == 3e-4 and ckpt.config.model.num_points == 2
+    assert ckpt.config.train.lr == 3e-4 and ckpt.config.model.options.num_points == 2
     for ours, ref in zip(outputs(ckpt.model), outputs(model)):
         assert (ours - ref).abs().max() < 1e-6
 

@@ -17,7 +17,7 @@ CONFIGS = {
                             denoising=DenoisingConfig(enabled=True, num_groups=2)),
     "dino": ModelConfig(arch="dino", backbone=BACKBONE, hidden_dim=32, num_heads=4, encoder_layers=1,
                         decoder_layers=2, dim_feedforward=64, num_queries=8, activation="relu", num_feature_levels=2,
-                        num_points=2, denoising=DenoisingConfig(enabled=True, num_groups=2, contrastive=True)),
+                        denoising=DenoisingConfig(enabled=True, num_groups=2, contrastive=True)).replace(num_points=2),
 }
 
 

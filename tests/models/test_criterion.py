@@ -237,7 +237,7 @@ def test_encoder_loss_reaches_the_deformable_proposal_head():
 
     cfg = ModelConfig(arch="deformable_detr", backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=32,
                       num_heads=4, encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=6,
-                      num_feature_levels=2, num_points=2, box_refine=True, two_stage=True)
+                      num_feature_levels=2).replace(num_points=2, box_refine=True, two_stage=True)
     torch.manual_seed(0)
     model = build_detector(cfg, 3).train()
     images = ImageBatch(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))

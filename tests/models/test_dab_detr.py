@@ -1,7 +1,6 @@
 """DAB-DETR: output shapes, padding, isolation of query groups, the detector protocol, gradients."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ def tiny_config(**overrides) -> ModelConfig:
     backbone = overrides.pop("backbone", BackboneConfig(name="resnet10", num_stages=3))
     cfg = ModelConfig(backbone=backbone, hidden_dim=32, num_heads=4, encoder_layers=1, decoder_layers=2,
                       dim_feedforward=64, num_queries=6)
-    return dataclasses.replace(cfg, **overrides)
+    return cfg.replace(**overrides)
 
 
 def tiny_model(**overrides) -> DABDETR:

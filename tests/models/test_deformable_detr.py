@@ -1,7 +1,6 @@
 """Deformable DETR: shapes, levels, the query mapping, isolation of query groups, gradients, overfitting, KD."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -23,8 +22,8 @@ VARIANTS = {"plain": dict(), "box_refine": dict(box_refine=True), "two_stage": d
 def tiny_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(arch="deformable_detr", backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=32,
                       num_heads=4, encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=6,
-                      activation="relu", num_feature_levels=2, num_points=2)
-    return dataclasses.replace(cfg, **overrides)
+                      activation="relu", num_feature_levels=2).replace(num_points=2)
+    return cfg.replace(**overrides)
 
 
 def tiny_model(**overrides) -> DeformableDETR:
@@ -125,7 +124,8 @@ def test_heads_are_shared_without_box_refinement() -> None:
 
 
 def test_config_checks() -> None:
-    assert from_dict(ModelConfig, {"arch": "deformable_detr", "two_stage": True, "box_refine": True}).two_stage
+    section = {"arch": "deformable_detr", "deformable_detr": {"two_stage": True, "box_refine": True}}
+    assert from_dict(ModelConfig, section).options.two_stage
     with pytest.raises(UserError, match="box_refine"):
         tiny_model(two_stage=True)
     with pytest.raises(UserError, match="multiple of 32"):

@@ -31,8 +31,8 @@ def _build_pair(levels: int, box_refine: bool, two_stage: bool):
     randomise(hf)
     cfg = ModelConfig(arch="deformable_detr", backbone=BackboneConfig(name="resnet10", num_stages=4, frozen_bn=True),
                       hidden_dim=HIDDEN, num_heads=HEADS, encoder_layers=2, decoder_layers=DECODER_LAYERS,
-                      dim_feedforward=FFN, num_queries=QUERIES, activation="relu", num_feature_levels=levels,
-                      num_points=POINTS, box_refine=box_refine, two_stage=two_stage)
+                      dim_feedforward=FFN, num_queries=QUERIES, activation="relu", num_feature_levels=levels
+                      ).replace(num_points=POINTS, box_refine=box_refine, two_stage=two_stage)
     ours = DeformableDETR(cfg, CLASSES).eval()
     ours.load_state_dict(deformable_hf_to_ours(hf.state_dict(), cfg), strict=True)
     return hf, ours

@@ -25,7 +25,7 @@ def config(**overrides) -> ModelConfig:
     dn = DenoisingConfig(enabled=True, num_groups=GROUPS)
     cfg = ModelConfig(backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=DIM, num_heads=4,
                       encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=QUERIES, denoising=dn)
-    return dataclasses.replace(cfg, **overrides)
+    return cfg.replace(**overrides)
 
 
 def model(**overrides) -> nn.Module:

@@ -1,7 +1,6 @@
 """DINO: query selection, look-forward-twice, isolation of denoising and KD groups, encoder loss, overfit."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -22,9 +21,10 @@ TARGETS = [{"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]]),
 def tiny_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(arch="dino", backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=32,
                       num_heads=4, encoder_layers=1, decoder_layers=3, dim_feedforward=64, num_queries=QUERIES,
-                      activation="relu", num_feature_levels=2, num_points=2,
+                      activation="relu", num_feature_levels=2,
                       denoising=DenoisingConfig(enabled=True, num_groups=GROUPS, contrastive=True))
-    return dataclasses.replace(cfg, **overrides)
+    cfg = cfg.replace(num_points=2)
+    return cfg.replace(**overrides)
 
 
 def tiny_model(**overrides) -> DINO:
@@ -87,7 +87,7 @@ def test_look_forward_twice_trains_the_previous_layer_box_only() -> None:
         return [head.layers[-1].weight.grad is not None and bool(head.layers[-1].weight.grad.any())
                 for head in model.bbox_embed[:3]]
 
-    dino = tiny_model(dino_shared_heads=False).train()  # per-layer heads show which layer a gradient reaches
+    dino = tiny_model(shared_heads=False).train()  # per-layer heads show which layer a gradient reaches
     assert box_grads(dino, 2) == [False, True, True]  # layer 1's box (not layer 0's: its reference is detached)
     assert box_grads(dino, 1) == [True, True, False]
     assert box_grads(dino, 2, "logits") == [False, False, False]  # references the layers attend from: detached
@@ -113,7 +113,7 @@ def test_decoder_layers_share_their_heads_and_read_a_normalised_output() -> None
         raw = model.decode(memory)
     assert not torch.allclose(normed.logits, raw.logits, atol=1e-3)
     torch.testing.assert_close(normed.boxes[0], raw.boxes[0], atol=0.2, rtol=0)  # both refine the same anchors
-    separate = tiny_model(dino_shared_heads=False, dino_decoder_norm=False)
+    separate = tiny_model(shared_heads=False, decoder_norm=False)
     assert len(separate.class_embed) == 4 and separate.decoder_norm is None
 
 

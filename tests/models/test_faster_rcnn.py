@@ -1,5 +1,4 @@
 """The Faster R-CNN adapter: RoI predictions at given boxes, isolation of groups, losses, detections, weights."""
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,9 @@ STEPS = 20
 
 def tiny_config(**changes) -> ModelConfig:
     cfg = ModelConfig(arch="faster_rcnn", backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=16,
-                      num_feature_levels=2, anchor_sizes=[16, 32, 64], num_queries=20, roi_batch_size=32,
-                      roi_head_dim=32)
-    return dataclasses.replace(cfg, **changes)
+                      num_feature_levels=2, num_queries=20).replace(anchor_sizes=[16, 32, 64], roi_batch_size=32,
+                                                                    roi_head_dim=32)
+    return cfg.replace(**changes)
 
 
 def _model(seed: int = 0, **changes):
@@ -124,7 +123,7 @@ def test_backbone_loads_the_local_weights_file():
 
 
 def test_anchor_sizes_must_match_the_levels():
-    with pytest.raises(UserError, match="model.anchor_sizes"):
+    with pytest.raises(UserError, match="model.faster_rcnn.anchor_sizes"):
         _model(anchor_sizes=[16, 32])
 
 

@@ -34,7 +34,7 @@ def _build_pair(backbone: str, num_stages: int, activation: str, normalize_befor
     cfg = ModelConfig(backbone=BackboneConfig(name=backbone, num_stages=num_stages, frozen_bn=True),
                       hidden_dim=HIDDEN, num_heads=HEADS, encoder_layers=2, decoder_layers=3,
                       dim_feedforward=FFN, num_queries=QUERIES, activation=activation,
-                      normalize_before=normalize_before, temperature=hf_cfg.temperature_height)
+                      ).replace(normalize_before=normalize_before, temperature=hf_cfg.temperature_height)
     ours = DABDETR(cfg, CLASSES).eval()
     ours.load_state_dict(hf_to_ours(hf.state_dict(), num_stages), strict=True)
     return hf, ours

@@ -1,7 +1,6 @@
 """The three ways of isolating query groups give the same outputs and gradients, for DAB-DETR and Deformable DETR."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -26,9 +25,9 @@ DETECTORS = {
 def tiny_model(detector: str, isolation: str, **overrides) -> nn.Module:
     cfg = ModelConfig(backbone=BackboneConfig(name="resnet10", num_stages=3), hidden_dim=32, num_heads=4,
                       encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_queries=6,
-                      group_isolation=isolation, **DETECTORS[detector])
+                      group_isolation=isolation).replace(**DETECTORS[detector])
     torch.manual_seed(0)
-    model = build_detector(dataclasses.replace(cfg, **overrides), CLASSES)
+    model = build_detector(cfg.replace(**overrides), CLASSES)
     torch.manual_seed(3)
     for name, p in model.named_parameters():  # zero-initialised box heads would hide differences between layers
         if "bbox_embed" in name and name.endswith("weight"):

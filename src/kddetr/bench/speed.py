@@ -66,7 +66,7 @@ class Bench:
 
     def student(self, **model_overrides: Any) -> nn.Module:
         torch.manual_seed(0)
-        return build_detector(dataclasses.replace(self.cfg.model, **model_overrides), self.num_classes).to(self.device)
+        return build_detector(self.cfg.model.replace(**model_overrides), self.num_classes).to(self.device)
 
     def distiller(self, student: nn.Module, **kd_overrides: Any) -> Distiller:
         criterion = build_criterion(self.cfg.model, self.num_classes)
@@ -282,7 +282,7 @@ def hf_pair(bench: Bench, arch: str, transformers: Any) -> tuple[nn.Module, nn.M
                                  "backbone": dataclasses.replace(model.backbone, frozen_bn=True)}
     if arch == "deformable_detr":
         overrides |= {"activation": "relu" if bench.cfg.model.activation == "prelu" else bench.cfg.model.activation}
-    cfg = dataclasses.replace(bench.cfg.model, **overrides)
+    cfg = bench.cfg.model.replace(**overrides)
     ours = bench.student(**overrides).eval()
     names = DatasetInfo(list(range(bench.num_classes)), [f"class_{i}" for i in range(bench.num_classes)])
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kddetr import __version__
-from kddetr.config import Config, from_dict, to_dict, load_yaml
+from kddetr.config import Config, from_dict, load_yaml, migrate_saved_config, to_dict
 from kddetr.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -135,7 +135,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
     dataset = from_dict(DatasetInfo, info, f"{cfg_file}:dataset")
     if len(dataset.category_names) != len(dataset.category_ids):
         raise UserError(f"{cfg_file}: dataset.category_names and category_ids differ in length")
-    return from_dict(Config, data, str(cfg_file)), dataset
+    return from_dict(Config, migrate_saved_config(data), str(cfg_file)), dataset
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from kddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.models.backbone import RESNETS
+from kddetr.models.dab_detr import DABOptions
+from kddetr.models.deformable_detr import DeformableOptions
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,8 @@ def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int, naming: Naming = DA
 
 def num_deformable_heads(cfg: ModelConfig) -> tuple[int, int]:
     """Class/box heads of a Deformable DETR: (ours, the reference's), which has one per prediction even if shared."""
-    predictions = cfg.decoder_layers + cfg.two_stage
-    return (predictions if cfg.box_refine else 1), predictions
+    predictions = cfg.decoder_layers + cfg.options.two_stage
+    return (predictions if cfg.options.box_refine else 1), predictions
 
 
 def deformable_hf_to_ours(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -231,7 +233,7 @@ def ours_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
         heads = {k: v for k, v in state.items() if k.startswith(tuple(f"{h}." for h in HEADS))}
         hf = _rename_to_hf({k: v for k, v in state.items() if k not in heads}, DEFORMABLE)
         ours_heads, hf_heads = num_deformable_heads(cfg)
-        copies = {"bbox_embed": cfg.box_refine, "class_embed": cfg.two_stage}  # also under model.decoder
+        copies = {"bbox_embed": cfg.options.box_refine, "class_embed": cfg.options.two_stage}  # also model.decoder
         for key, value in heads.items():
             kind, i, rest = key.split(".", 2)
             for j in (range(hf_heads) if ours_heads == 1 else [int(i)]):
@@ -323,9 +325,9 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         arch="dab_detr", backbone=backbone, hidden_dim=hf["hidden_size"],
         num_heads=hf["encoder_attention_heads"], encoder_layers=hf["encoder_layers"],
         decoder_layers=hf["decoder_layers"], dim_feedforward=hf["encoder_ffn_dim"], dropout=float(hf["dropout"]),
-        activation=hf["activation_function"], normalize_before=hf["normalize_before"],
-        num_queries=hf["num_queries"], num_patterns=hf["num_patterns"],
-        random_refpoints_xy=hf["random_refpoints_xy"], temperature=float(hf["temperature_height"]))
+        activation=hf["activation_function"], num_queries=hf["num_queries"],
+        options=DABOptions(normalize_before=hf["normalize_before"], num_patterns=hf["num_patterns"],
+                           random_refpoints_xy=hf["random_refpoints_xy"], temperature=float(hf["temperature_height"])))
 
 
 def backbone_levels(levels: int, num_stages: int) -> list[int]:
@@ -355,8 +357,9 @@ def deformable_config_from_hf(hf: dict, where: str = "config.json") -> ModelConf
         decoder_layers=hf["decoder_layers"], dim_feedforward=hf["encoder_ffn_dim"], dropout=float(hf["dropout"]),
         activation=hf["activation_function"],
         num_queries=hf["two_stage_num_proposals"] if hf["two_stage"] else hf["num_queries"],
-        num_feature_levels=levels, num_points=hf["encoder_n_points"], box_refine=hf["with_box_refine"],
-        two_stage=hf["two_stage"])
+        num_feature_levels=levels,
+        options=DeformableOptions(num_points=hf["encoder_n_points"], box_refine=hf["with_box_refine"],
+                                  two_stage=hf["two_stage"]))
 
 
 def categories_from_hf(hf: dict, num_classes: int, where: str = "config.json") -> DatasetInfo:
@@ -466,23 +469,25 @@ def hf_config(cfg: ModelConfig, dataset: DatasetInfo) -> dict[str, Any]:
             "backbone_config": _resnet_config(cfg.backbone, backbone_levels(cfg.num_feature_levels,
                                                                               cfg.backbone.num_stages)),
             "d_model": cfg.hidden_dim, "position_embedding_type": "sine",
-            "num_feature_levels": cfg.num_feature_levels, "encoder_n_points": cfg.num_points,
-            "decoder_n_points": cfg.num_points, "with_box_refine": cfg.box_refine, "two_stage": cfg.two_stage,
+            "num_feature_levels": cfg.num_feature_levels, "encoder_n_points": cfg.options.num_points,
+            "decoder_n_points": cfg.options.num_points, "with_box_refine": cfg.options.box_refine,
+            "two_stage": cfg.options.two_stage,
             "two_stage_num_proposals": cfg.num_queries,
             "tie_word_embeddings": False,  # every head is written out (HF would tie box-refine class heads)
             **_label_fields(dataset)}
-    _refuse(cfg, {"arch": (cfg.arch, cfg.arch != "dab_detr"),
-                  "pre_norm_layers": (cfg.pre_norm_layers, cfg.pre_norm_layers),
-                  "modulate_hw_attn": (cfg.modulate_hw_attn, not cfg.modulate_hw_attn),
+    _refuse(cfg, {"arch": (cfg.arch, cfg.arch != "dab_detr")}, "DabDetrConfig")
+    dab = cfg.options
+    _refuse(cfg, {"dab_detr.pre_norm_layers": (dab.pre_norm_layers, dab.pre_norm_layers),
+                  "dab_detr.modulate_hw_attn": (dab.modulate_hw_attn, not dab.modulate_hw_attn),
                   "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation),
-                  "temperature": (cfg.temperature, not float(cfg.temperature).is_integer())}, "DabDetrConfig")
+                  "dab_detr.temperature": (dab.temperature, not float(dab.temperature).is_integer())}, "DabDetrConfig")
     return {
         "model_type": "dab-detr", **_common_fields(cfg, "DabDetrForObjectDetection"),
         "backbone_config": _resnet_config(cfg.backbone, [cfg.backbone.num_stages]),
-        "hidden_size": cfg.hidden_dim, "num_patterns": cfg.num_patterns,
-        "random_refpoints_xy": cfg.random_refpoints_xy, "normalize_before": cfg.normalize_before,
+        "hidden_size": cfg.hidden_dim, "num_patterns": dab.num_patterns,
+        "random_refpoints_xy": dab.random_refpoints_xy, "normalize_before": dab.normalize_before,
         "keep_query_pos": False, "query_dim": 4,
-        "temperature_height": int(cfg.temperature), "temperature_width": int(cfg.temperature),
+        "temperature_height": int(dab.temperature), "temperature_width": int(dab.temperature),
         **_label_fields(dataset)}
 
 

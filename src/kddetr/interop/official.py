@@ -22,8 +22,8 @@ DEFORMABLE_TRANSFORMER = ("level_embed", "reference_points", "enc_output", "enc_
                           "pos_trans_norm")
 DEFORMABLE_DECODER_NORMS = {"norm1": "norm2", "norm2": "norm1"}
 # Options in the official `args` (saved in their checkpoints) that the weights' shapes do not tell.
-DAB_ARGS = {"nheads": "num_heads", "pe_temperatureH": "temperature", "dilation": "backbone.dilation",
-            "random_refpoints_xy": "random_refpoints_xy", "dropout": "dropout"}
+DAB_ARGS = {"nheads": "num_heads", "pe_temperatureH": "dab_detr.temperature", "dilation": "backbone.dilation",
+            "random_refpoints_xy": "dab_detr.random_refpoints_xy", "dropout": "dropout"}
 DEFORMABLE_ARGS = {"nheads": "num_heads", "dilation": "backbone.dilation", "dropout": "dropout"}
 
 
@@ -97,9 +97,10 @@ def infer_model_fields(state: dict[str, Tensor], where: str) -> dict[str, Any]:
         "hidden_dim": shape("input_proj.weight")[0], "num_queries": queries,
         "encoder_layers": encoder_layers, "decoder_layers": _count(state, r"transformer\.decoder\.layers\.(\d+)\."),
         "dim_feedforward": shape(f"transformer.{part}.layers.0.linear1.weight")[0],
-        "num_patterns": state["transformer.patterns.weight"].shape[0] if "transformer.patterns.weight" in state else 0,
-        "normalize_before": "transformer.encoder.norm.weight" in state,
-        "modulate_hw_attn": any(k.startswith("transformer.decoder.ref_anchor_head.") for k in state),
+        "dab_detr.num_patterns": state["transformer.patterns.weight"].shape[0]
+        if "transformer.patterns.weight" in state else 0,
+        "dab_detr.normalize_before": "transformer.encoder.norm.weight" in state,
+        "dab_detr.modulate_hw_attn": any(k.startswith("transformer.decoder.ref_anchor_head.") for k in state),
     }
     if any(re.search(r"\.layers\.\d+\.activation\.weight$", k) for k in state):
         fields["activation"] = "prelu"  # the only activation with weights
@@ -168,8 +169,8 @@ def infer_deformable_fields(state: dict[str, Tensor], where: str, num_heads: int
         "arch": "deformable_detr", "backbone.name": name, "backbone.num_stages": num_stages, "hidden_dim": dim,
         "encoder_layers": encoder_layers, "decoder_layers": _count(state, r"transformer\.decoder\.layers\.(\d+)\."),
         "dim_feedforward": shape("transformer.decoder.layers.0.linear1.weight")[0], "num_feature_levels": levels,
-        "num_points": points, "two_stage": two_stage, "activation": "relu",
-        "box_refine": any(k.startswith("transformer.decoder.bbox_embed.") for k in state),
+        "deformable_detr.num_points": points, "deformable_detr.two_stage": two_stage, "activation": "relu",
+        "deformable_detr.box_refine": any(k.startswith("transformer.decoder.bbox_embed.") for k in state),
     }
     if not two_stage:
         fields["num_queries"] = shape("query_embed.weight")[0]

@@ -20,6 +20,19 @@ from kddetr.models.transformer import Decoder, DecoderLayer, Encoder, EncoderLay
 
 
 @dataclass
+class DABOptions:
+    """`model.dab_detr`: DAB-DETR's own options (DN-DAB-DETR with `model.denoising`)."""
+
+    # DAB-DETR `--pre_norm` (official and HF alike): a LayerNorm on the encoder output; layers stay post-norm
+    normalize_before: bool = False
+    pre_norm_layers: bool = False  # DETR-style pre-norm sublayers (LayerNorm before attention/FFN); not in DAB-DETR
+    num_patterns: int = 0
+    random_refpoints_xy: bool = False
+    modulate_hw_attn: bool = True
+    temperature: float = 20.0  # image sine positional encoding temperature, H and W (DAB-DETR pe_temperatureH/W)
+
+
+@dataclass
 class EncoderMemory:
     """What `encode` returns: encoder output, padding mask (True = padding) and image positions, flattened."""
 
@@ -41,25 +54,25 @@ class DABDETR(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
-        dim = cfg.hidden_dim
+        dim, options = cfg.hidden_dim, cfg.options
         self.num_classes = num_classes
         self.num_decoder_layers = cfg.decoder_layers
         self.num_queries = cfg.num_queries
         self.hidden_dim = dim
-        self.random_refpoints_xy = cfg.random_refpoints_xy
+        self.random_refpoints_xy = options.random_refpoints_xy
         self.group_isolation = cfg.group_isolation
         self.channels_last = cfg.channels_last
 
         self.backbone = Backbone.from_config(cfg.backbone)
-        self.position = PositionEmbeddingSine(dim // 2, cfg.temperature, cfg.temperature)
+        self.position = PositionEmbeddingSine(dim // 2, options.temperature, options.temperature)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, dim, kernel_size=1)
-        layer_args = (dim, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, cfg.activation, cfg.pre_norm_layers)
+        layer_args = (dim, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, cfg.activation, options.pre_norm_layers)
         self.encoder = Encoder([EncoderLayer(*layer_args) for _ in range(cfg.encoder_layers)], dim,
-                               final_norm=cfg.normalize_before or cfg.pre_norm_layers)
+                               final_norm=options.normalize_before or options.pre_norm_layers)
         self.decoder = Decoder([DecoderLayer(*layer_args, is_first=i == 0) for i in range(cfg.decoder_layers)],
-                               dim, cfg.modulate_hw_attn)
+                               dim, options.modulate_hw_attn)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)  # unsigmoided anchors
-        self.patterns = nn.Embedding(cfg.num_patterns, dim) if cfg.num_patterns > 0 else None
+        self.patterns = nn.Embedding(options.num_patterns, dim) if options.num_patterns > 0 else None
         self.class_embed = nn.Linear(dim, num_classes)
         self.bbox_embed = MLP(dim, dim, 4, 3)
         self.denoising = DenoisingGenerator(cfg.denoising, num_classes, dim) if cfg.denoising.enabled else None

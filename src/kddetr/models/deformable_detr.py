@@ -24,6 +24,18 @@ NOMINAL_SIZE = 0.1  # w = h of the anchors that stand for one-stage queries, whi
 
 
 @dataclass
+class DeformableOptions:
+    """`model.deformable_detr`: Deformable DETR's own options."""
+
+    num_points: int = 4  # sampling points per attention head and feature level
+    # learning-rate multiplier of the sampling offsets and reference-point projections (the reference's
+    # lr_linear_proj_mult)
+    lr_linear_proj_mult: float = 0.1
+    box_refine: bool = False  # iterative box refinement: every decoder layer its own heads
+    two_stage: bool = False  # the top num_queries encoder proposals become the decoder queries (needs box_refine)
+
+
+@dataclass
 class DeformableMemory:
     """What `encode` returns: the flattened multi-scale encoder output and what decoding needs besides."""
 
@@ -139,21 +151,22 @@ class DeformableDETR(nn.Module):
 
     class_agnostic_proposals = True  # two-stage: proposals scored by one "object" column, the first
 
-    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+    def __init__(self, cfg: ModelConfig, num_classes: int, num_heads: Optional[int] = None) -> None:
+        """`num_heads`: class/box head pairs, when a subclass shares them otherwise (DINO)."""
         super().__init__()
-        dim, levels = cfg.hidden_dim, cfg.num_feature_levels
-        if cfg.two_stage and not cfg.box_refine:
-            raise UserError("model.two_stage: needs model.box_refine=true (as Deformable DETR)")
+        dim, levels, options = cfg.hidden_dim, cfg.num_feature_levels, cfg.options
+        if options.two_stage and not options.box_refine:
+            raise UserError("model.deformable_detr.two_stage: needs box_refine: true (as Deformable DETR)")
         if dim % 32:
             raise UserError(f"model.hidden_dim: Deformable DETR's GroupNorm(32) needs a multiple of 32, got {dim}")
-        if levels < 1 or cfg.num_points < 1:
-            raise UserError("model.num_feature_levels and model.num_points: must be > 0")
+        if levels < 1 or options.num_points < 1:
+            raise UserError(f"model.num_feature_levels and model.{cfg.arch}.num_points: must be > 0")
         self.num_classes = num_classes
         self.num_decoder_layers = cfg.decoder_layers
         self.num_queries = cfg.num_queries
         self.hidden_dim = dim
-        self.box_refine, self.two_stage = cfg.box_refine, cfg.two_stage
-        self.lr_linear_proj_mult = cfg.lr_linear_proj_mult
+        self.box_refine, self.two_stage = options.box_refine, options.two_stage
+        self.lr_linear_proj_mult = options.lr_linear_proj_mult
         self.look_forward_twice = False  # DINO: a layer's box refines the previous layer's undetached box
         self.group_isolation = cfg.group_isolation
         self.channels_last = cfg.channels_last
@@ -169,13 +182,13 @@ class DeformableDETR(nn.Module):
                                                  nn.GroupNorm(32, dim)))
             in_channels = dim
         self.level_embed = nn.Parameter(torch.empty(levels, dim))
-        layer_args = (dim, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, cfg.activation, levels, cfg.num_points)
+        layer_args = (dim, cfg.num_heads, cfg.dim_feedforward, cfg.dropout, cfg.activation, levels, options.num_points)
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.decoder_layers))
-        if cfg.two_stage:
+        if options.two_stage:
             self.enc_output, self.enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
         self._build_queries(cfg)
-        num_heads = self._num_heads(cfg)
+        num_heads = num_heads or self._num_heads(cfg)
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
         self.bbox_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(num_heads))
         self._reset_parameters()
@@ -184,12 +197,12 @@ class DeformableDETR(nn.Module):
     def _num_heads(cfg: ModelConfig) -> int:
         """Class/box head pairs: one per decoder layer with box refinement (two-stage: one more, the last, scores
         the proposals), else one shared."""
-        return cfg.decoder_layers + cfg.two_stage if cfg.box_refine else 1
+        return cfg.decoder_layers + cfg.options.two_stage if cfg.options.box_refine else 1
 
     def _build_queries(self, cfg: ModelConfig) -> None:
         """The modules that make decoder queries: from proposals (two-stage) or learned embeddings."""
         dim = cfg.hidden_dim
-        if cfg.two_stage:
+        if cfg.options.two_stage:
             self.pos_trans, self.pos_trans_norm = nn.Linear(2 * dim, 2 * dim), nn.LayerNorm(2 * dim)
         else:
             self.query_embed = nn.Embedding(cfg.num_queries, 2 * dim)

@@ -2,16 +2,32 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from kddetr.config import ModelConfig
-from kddetr.models.deformable_detr import DeformableDETR, DeformableMemory, box_sine
+from kddetr.models.deformable_detr import DeformableDETR, DeformableMemory, DeformableOptions, box_sine
 from kddetr.models.denoising import DenoisingGenerator, decode_with_denoising
 from kddetr.models.layers import MLP
 from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+
+
+@dataclass
+class DINOOptions:
+    """`model.dino`: DINO's own options (it is always two-stage with box refinement)."""
+
+    num_points: int = 4  # sampling points per attention head and feature level
+    lr_linear_proj_mult: float = 0.1  # learning-rate multiplier of sampling offsets and reference points
+    # as the reference by default: one class head and one box head shared by every decoder layer (the encoder's
+    # proposal heads stay separate), and a LayerNorm on each layer's output before the heads
+    shared_heads: bool = True
+    decoder_norm: bool = True
+    LEGACY_KEYS: ClassVar[dict[str, Optional[str]]] = {"dino_shared_heads": "shared_heads",
+                                                        "dino_decoder_norm": "decoder_norm",
+                                                        "two_stage": None, "box_refine": None}
 
 
 class DINO(DeformableDETR):
@@ -28,9 +44,9 @@ class DINO(DeformableDETR):
       negatives decoded beside the detection queries under the DN mask (`models/denoising.py`);
     - the encoder loss on the selected proposals (`enc_` terms, the reference's "interm" outputs).
 
-    As the reference's defaults, the decoder layers share one class head and one box head (`dino_shared_heads`;
+    As the reference's defaults, the decoder layers share one class head and one box head (`shared_heads`;
     the proposal heads are their own) and the heads read each layer's output through a final LayerNorm
-    (`dino_decoder_norm`), while the next layer's reference box is refined from the un-normalised output.
+    (`decoder_norm`), while the next layer's reference box is refined from the un-normalised output.
     Any anchor group is decoded like the selected proposals: given content is used, else the learned content queries in slot
     order (cycled for larger groups), so decoding `learned_queries(B, memory)` reproduces the detections.
     Distillation groups never see the detection queries, the denoising groups or each other.
@@ -39,18 +55,13 @@ class DINO(DeformableDETR):
     class_agnostic_proposals = False  # selected by their best class score, trained with their classes
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
-        super().__init__(dataclasses.replace(cfg, two_stage=True, box_refine=True), num_classes)
+        # shared heads: one pair for every decoder layer, one for the encoder's proposals
+        super().__init__(_as_deformable(cfg), num_classes, num_heads=2 if cfg.options.shared_heads else None)
         self.look_forward_twice = True
-        self.shared_heads = cfg.dino_shared_heads
-        self.decoder_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.dino_decoder_norm else None
+        self.shared_heads = cfg.options.shared_heads
+        self.decoder_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.options.decoder_norm else None
         dn = cfg.denoising
         self.denoising = DenoisingGenerator(dn, num_classes, cfg.hidden_dim) if dn.enabled else None
-
-    @staticmethod
-    def _num_heads(cfg: ModelConfig) -> int:
-        """Shared heads: one pair for every decoder layer and one for the encoder's proposals."""
-        return 2 if cfg.dino_shared_heads else DeformableDETR._num_heads(dataclasses.replace(cfg, box_refine=True,
-                                                                                             two_stage=True))
 
     def _head(self, layer: int) -> tuple[nn.Module, nn.Module]:
         if not self.shared_heads:
@@ -109,3 +120,10 @@ class DINO(DeformableDETR):
         return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
                               denoising_meta=meta, encoder_memory=memory.memory,
                               encoder_proposals=self._encoder_proposals(memory))
+
+
+def _as_deformable(cfg: ModelConfig) -> ModelConfig:
+    """The Deformable DETR that DINO builds on: two-stage with box refinement, DINO's sampling options."""
+    options = DeformableOptions(cfg.options.num_points, cfg.options.lr_linear_proj_mult, box_refine=True,
+                                two_stage=True)
+    return dataclasses.replace(cfg, options=options)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -15,7 +15,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign, box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from kddetr.config import ModelConfig
+from kddetr.config import ModelConfig, positive
 from kddetr.errors import UserError
 from kddetr.models.backbone import Backbone
 from kddetr.models.protocol import (ClassSlots, DecoderOutput, DetectorOutput, ImageBatch, Queries,
@@ -74,6 +74,17 @@ def _inference(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@dataclass
+class RCNNOptions:
+    """`model.faster_rcnn`: one anchor size (pixels) per FPN level and the aspect ratios; RoIs sampled per image
+    for the RoI-head loss; width of the two-layer RoI box head (torchvision's defaults)."""
+
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    roi_batch_size: int = positive(512)
+    roi_head_dim: int = positive(1024)
+
+
 class FasterRCNN(TorchvisionFasterRCNN):
     """torchvision's Faster R-CNN (FPN, RPN, RoI heads) over our `Backbone` body, speaking the detector protocol.
 
@@ -103,26 +114,28 @@ class FasterRCNN(TorchvisionFasterRCNN):
     num_decoder_layers = 1
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        options: RCNNOptions = cfg.options
         body = Backbone.from_config(cfg.backbone)
         num_stages = len(body.stage_channels)
         levels = min(cfg.num_feature_levels, num_stages)
         stages = range(num_stages - levels, num_stages)
         fpn = BackboneWithFPN(body.body, {f"layer{i + 1}": str(j) for j, i in enumerate(stages)},
                               [body.stage_channels[i] for i in stages], cfg.hidden_dim, LastLevelMaxPool())
-        if len(cfg.anchor_sizes) != levels + 1:
-            raise UserError(f"model.anchor_sizes: {len(cfg.anchor_sizes)} sizes for {levels + 1} FPN levels "
-                            f"({levels} backbone stages + a max-pooled one); give one size per level")
-        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), (tuple(cfg.anchor_ratios),) * (levels + 1))
+        if len(options.anchor_sizes) != levels + 1:
+            raise UserError(f"model.faster_rcnn.anchor_sizes: {len(options.anchor_sizes)} sizes for {levels + 1} "
+                            f"FPN levels ({levels} backbone stages + a max-pooled one); give one size per level")
+        anchors = AnchorGenerator(tuple((s,) for s in options.anchor_sizes),
+                                  (tuple(options.anchor_ratios),) * (levels + 1))
         roi_pool = MultiScaleRoIAlign([str(j) for j in range(levels)], output_size=7, sampling_ratio=2)
         top_n = cfg.num_queries
         super().__init__(
             fpn, num_classes=None, rpn_anchor_generator=anchors,
-            rpn_head=RPNHead(cfg.hidden_dim, len(cfg.anchor_ratios)),
+            rpn_head=RPNHead(cfg.hidden_dim, len(options.anchor_ratios)),
             rpn_pre_nms_top_n_train=top_n, rpn_pre_nms_top_n_test=top_n,
             rpn_post_nms_top_n_train=top_n, rpn_post_nms_top_n_test=top_n,
-            box_roi_pool=roi_pool, box_head=TwoMLPHead(cfg.hidden_dim * 7 * 7, cfg.roi_head_dim),
-            box_predictor=FastRCNNPredictor(cfg.roi_head_dim, num_classes + 1),
-            box_batch_size_per_image=cfg.roi_batch_size)
+            box_roi_pool=roi_pool, box_head=TwoMLPHead(cfg.hidden_dim * 7 * 7, options.roi_head_dim),
+            box_predictor=FastRCNNPredictor(options.roi_head_dim, num_classes + 1),
+            box_batch_size_per_image=options.roi_batch_size)
         self.num_classes = num_classes
         self.num_queries = top_n
 

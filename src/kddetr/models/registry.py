@@ -14,13 +14,14 @@ class DetectorSpec:
     """An architecture: where its detector and training loss are built, and how the tools treat it.
 
     `model` and `criterion` name a callable as "module:attribute", imported only when first built, each called
-    with `(model config, number of classes)`."""
+    with `(model config, number of classes)`; `options` names the dataclass of its config section."""
 
     arch: str
     name: str  # for tables and messages
     model: str
     criterion: str
     num_select: int  # (query, class) pairs scored per image at evaluation, as its reference implementation
+    options: str  # "module:Class" of its config section, `model.<arch>:` in YAML (a dataclass)
     set_prediction: bool = True  # one-to-one predictions matched to the ground truth (Hungarian KD applies)
     student_config: Optional[Path] = None  # a student that learns on the embedded data (CPU checks, benches)
     teacher_config: Optional[Path] = None  # its teacher there; with it `kddetr bench kd --arch` runs the pair
@@ -29,17 +30,19 @@ class DetectorSpec:
 
 SPECS = (
     DetectorSpec("dab_detr", "DAB-DETR", "kddetr.models.dab_detr:DABDETR", "kddetr.models.criterion:build_criterion",
-                 300, student_config=Path("configs/embedded_student.yaml"),
+                 300, "kddetr.models.dab_detr:DABOptions", student_config=Path("configs/embedded_student.yaml"),
                  teacher_config=Path("configs/embedded_teacher.yaml"), shipped_teacher=Path("assets/teacher")),
     DetectorSpec("deformable_detr", "Deformable DETR", "kddetr.models.deformable_detr:DeformableDETR",
-                 "kddetr.models.criterion:build_criterion", 100,
+                 "kddetr.models.criterion:build_criterion", 100, "kddetr.models.deformable_detr:DeformableOptions",
                  student_config=Path("configs/embedded_deformable_student.yaml"),
                  teacher_config=Path("configs/embedded_deformable_teacher.yaml")),
     DetectorSpec("dino", "DINO", "kddetr.models.dino:DINO", "kddetr.models.criterion:build_criterion", 300,
+                 "kddetr.models.dino:DINOOptions",
                  student_config=Path("configs/embedded_dino_student.yaml"),
                  teacher_config=Path("configs/embedded_dino_teacher.yaml")),
     DetectorSpec("faster_rcnn", "Faster R-CNN", "kddetr.models.faster_rcnn:FasterRCNN",
-                 "kddetr.models.faster_rcnn:build_criterion", 100, set_prediction=False,
+                 "kddetr.models.faster_rcnn:build_criterion", 100, "kddetr.models.faster_rcnn:RCNNOptions",
+                 set_prediction=False,
                  student_config=Path("configs/embedded_frcnn_student.yaml")),
 )
 REGISTRY: dict[str, DetectorSpec] = {spec.arch: spec for spec in SPECS}
