@@ -56,9 +56,12 @@ class DenoisingConfig:
     label_noise: float = 0.2
     box_noise: float = 0.4
     loss_weight: float = 1.0
-    # DINO's contrastive denoising: each group adds a negative per target, noised between 1x and 2x
-    # box_noise and trained as "no object"
+    # DINO's contrastive denoising, as its reference: each group adds a negative per target; box corners noised
+    # (negatives between 1x and 2x box_noise), half of `label_noise` flipped, padding queries scored as "no object"
     contrastive: bool = False
+    # DINO's dn_number: > 0 sets the groups of each batch to max(1, query_budget // most targets of an image)
+    # instead of num_groups (the reference's 100 over 2 copies per target: ~2 x 100 denoising queries)
+    query_budget: int = 0
 
 
 @dataclass

@@ -197,17 +197,23 @@ def test_contrastive_denoising_by_hand():
                     ce += sum(focal(dn_logits[l, b, positive, c].item(), float(c == t["labels"][j])) for c in range(C))
                     ce += sum(focal(dn_logits[l, b, negative, c].item(), 0.0) for c in range(C))  # "no object"
                     l1 += sum(abs(p - v) for p, v in zip(dn_boxes[l, b, positive].tolist(), t["boxes"][j].tolist()))
+        # padding (image 1: queries 1, 3, 5, 7) is "no object" too, as in DINO
+        ce += sum(focal(dn_logits[l, 1, q, c].item(), 0.0) for q in (1, 3, 5, 7) for c in range(C))
         assert losses["dn_loss_ce" + suffix].item() == pytest.approx(3.0 * ce / norm, rel=1e-5)
         assert losses["dn_loss_bbox" + suffix].item() == pytest.approx(7.0 * l1 / norm, rel=1e-5)
 
-    # negatives' boxes and padding (image 1: queries 1, 3, 5, 7) count for nothing
-    changed_logits, changed_boxes = dn_logits.detach().clone(), dn_boxes.detach().clone()
+    # negatives' and padding's boxes count for nothing; padding scored as "object" costs class loss
+    changed_boxes = dn_boxes.detach().clone()
     changed_boxes[:, :, [2, 3, 6, 7]] = 0.9
-    changed_logits[:, 1, [1, 3, 5, 7]] = 9.0
-    out.denoising = DecoderOutput(changed_logits, changed_boxes)
+    changed_boxes[:, 1, [1, 5]] = 0.9
+    out.denoising = DecoderOutput(dn_logits, changed_boxes)
     again = criterion(num_classes=C)(out, targets)
     for key in losses:
         assert again[key].item() == pytest.approx(losses[key].item(), rel=1e-6)
+    confident = dn_logits.detach().clone()
+    confident[:, 1, [1, 3, 5, 7]] = 9.0
+    out.denoising = DecoderOutput(confident, dn_boxes)
+    assert criterion(num_classes=C)(out, targets)["dn_loss_ce"] > losses["dn_loss_ce"] + 1
     out.denoising_meta = {"num_groups": 4, "single_pad": 2, "contrastive": True}  # 2 targets need 4 per group
     with pytest.raises(ValueError, match="single_pad"):
         criterion(num_classes=C)(out, targets)

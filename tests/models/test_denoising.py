@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 
 from kddetr.config import BackboneConfig, DenoisingConfig, ModelConfig, load_config
 from kddetr.errors import UserError
 from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.criterion import denoising_indices
-from kddetr.models.denoising import DenoisingGenerator, denoising_attn_mask, noise_boxes, noise_labels
+from kddetr.models.denoising import (MIN_SIZE, DenoisingGenerator, denoising_attn_mask, noise_boxes, noise_corners,
+                                     noise_labels)
 from kddetr.models.protocol import ImageBatch, Queries
 
 from . import paint_boxes, train_totals
@@ -228,9 +230,47 @@ def test_contrastive_groups_hold_positives_then_negatives() -> None:
         n, truth = len(target["labels"]), target["boxes"]
         for g in range(GROUPS):
             start = g * 2 * half
-            positives, negatives = (groups.queries.anchors[b, start + o:start + o + n] for o in (0, half))
-            assert ((positives[:, :2] - truth[:, :2]).abs() <= 0.4 * truth[:, 2:] / 2 + 1e-6).all()
-            assert ((negatives[:, :2] - truth[:, :2]).abs() >= 0.4 * truth[:, 2:] / 2 - 1e-6).all()
+            positives, negatives = (box_convert(groups.queries.anchors[b, start + o:start + o + n], "cxcywh", "xyxy")
+                                    for o in (0, half))
+            bound = 0.4 * truth[:, 2:].repeat(1, 2) / 2  # DINO moves corners
+            corners = box_convert(truth, "cxcywh", "xyxy")
+            assert ((positives - corners).abs() <= bound + 1e-6).all()
+            assert ((negatives - corners).abs().amax(-1) >= bound.amin(-1) - 1e-6).all()
             assert groups.valid[b, start:start + 2 * half].tolist() == ([True] * n + [False] * (half - n)) * 2
             torch.testing.assert_close(groups.queries.content[b, start:start + n],
                                        groups.queries.content[b, start + half:start + half + n])  # same labels
+
+
+def test_corner_noise_stays_inside_the_image_keeps_box_order_and_uses_its_bounds() -> None:
+    boxes = torch.tensor([[0.5, 0.5, 0.1, 0.2]]).repeat(20000, 1)  # small and central: no clamping
+    corners = box_convert(boxes, "cxcywh", "xyxy")
+    bound = torch.tensor([0.05, 0.1, 0.05, 0.1]) * 0.4
+    for negative, (low, high) in ((False, (0.0, 1.0)), (True, (1.0, 2.0))):
+        noised = noise_corners(boxes, 0.4, torch.Generator().manual_seed(0), negative=negative)
+        moved = (box_convert(noised, "cxcywh", "xyxy") - corners).abs() / bound
+        assert moved.min() >= low - 1e-4 and moved.max() <= high + 1e-4
+        assert moved.min() < low + 0.01 and moved.max() > high - 0.01  # the whole range is used
+    edge = noise_corners(torch.tensor([[0.02, 0.97, 0.04, 0.05]]).repeat(2000, 1), 1.0, negative=True)
+    xyxy = box_convert(edge, "cxcywh", "xyxy")
+    assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (edge[:, 2:] >= MIN_SIZE).all()
+    assert (xyxy[:, 2:] >= xyxy[:, :2]).all()  # crossed corners give the box between them
+    torch.testing.assert_close(noise_corners(boxes[:3], 0.0), boxes[:3], atol=1e-6, rtol=0)
+
+
+def test_contrastive_denoising_follows_dino_label_noise_and_query_budget() -> None:
+    """Half of `label_noise` is flipped (DINO's `label_noise_ratio * 0.5`), and `query_budget` (its dn_number)
+    sets the groups per batch from the most targets of an image."""
+    many = [{"labels": torch.zeros(400, dtype=torch.long), "boxes": torch.rand(400, 4) * 0.5 + 0.25}]
+    flipped = {}
+    for contrastive in (False, True):
+        cfg = DenoisingConfig(enabled=True, num_groups=2, label_noise=0.8, contrastive=contrastive)
+        generator = DenoisingGenerator(cfg, 1000, DIM)
+        out = generator(many, torch.Generator().manual_seed(0))
+        embedded = generator.label_embed(torch.zeros(1, dtype=torch.long))
+        same = torch.isclose(out.queries.content[0, :, :-1], embedded).all(-1)
+        flipped[contrastive] = 1 - same.float().mean().item()
+    assert flipped[False] == pytest.approx(0.8, abs=0.03) and flipped[True] == pytest.approx(0.4, abs=0.03)
+    budget = DenoisingConfig(enabled=True, contrastive=True, query_budget=100)
+    _, targets = batch()  # at most 3 targets per image
+    groups = DenoisingGenerator(budget, CLASSES, DIM)(targets)
+    assert groups.num_groups == 100 // 3 and groups.queries.anchors.shape[1] == 33 * 2 * 3

@@ -133,11 +133,11 @@ class SetCriterion(nn.Module):
             raise ValueError(f"denoising: {dn.logits.shape[2]} queries != num_groups * single_pad = {groups * pad}")
         sizes = [len(t["labels"]) for t in targets]
         indices = denoising_indices(sizes, groups, pad, dn.logits.device)
-        scored = _query_index(indices)
-        if meta.get("contrastive", False):  # negatives: each positive's query + P / 2
+        scored = _query_index(indices)  # DN-DETR: the noised targets only, padding gets no loss
+        if meta.get("contrastive", False):  # DINO: every query, negatives and padding as "no object"
             if sizes and 2 * max(sizes) > pad:
                 raise ValueError(f"denoising: single_pad={pad} holds fewer than 2 x {max(sizes)} targets")
-            scored = _query_index([(torch.cat((q, q + pad // 2)), j) for q, j in indices])
+            scored = None
         losses = {}
         for l, suffix in self._layers(dn):
             losses.update(self._layer(dn.logits[l], dn.boxes[l], targets, indices, num_boxes * groups,

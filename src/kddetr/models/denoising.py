@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
+from torchvision.ops import box_convert
 
 from kddetr.config import DenoisingConfig
 from kddetr.errors import UserError
@@ -61,6 +62,22 @@ def noise_boxes(boxes: Tensor, scale: float, generator: Optional[torch.Generator
     return torch.cat((noised[..., :2].clamp(0, 1), noised[..., 2:].clamp(MIN_SIZE, 1)), dim=-1)
 
 
+def noise_corners(boxes: Tensor, scale: float, generator: Optional[torch.Generator] = None,
+                  negative: bool | Tensor = False) -> Tensor:
+    """DINO's box noise: each corner of the cxcywh `boxes` moved by up to `scale` * (w/2, h/2), negatives (where
+    `negative` holds) by between 1x and 2x that; corners clamped to the image and kept in order (a box whose
+    corners crossed is the box between them), sizes at least MIN_SIZE."""
+    corners = box_convert(boxes, "cxcywh", "xyxy")
+    spread = boxes[..., 2:].repeat(*[1] * (boxes.dim() - 1), 2) / 2 * scale
+    magnitude = torch.rand(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype)
+    magnitude = magnitude + torch.as_tensor(negative, device=boxes.device).to(boxes.dtype)
+    sign = torch.randint(0, 2, boxes.shape, generator=generator, device=boxes.device).to(boxes.dtype) * 2 - 1
+    moved = (corners + sign * magnitude * spread).clamp(0, 1)
+    low, high = torch.minimum(moved[..., :2], moved[..., 2:]), torch.maximum(moved[..., :2], moved[..., 2:])
+    noised = box_convert(torch.cat((low, high), dim=-1), "xyxy", "cxcywh")
+    return torch.cat((noised[..., :2], noised[..., 2:].clamp(min=MIN_SIZE)), dim=-1)
+
+
 def denoising_attn_mask(valid: Tensor, num_groups: int, sizes: Sequence[int]) -> Tensor:
     """`[B, N, N]` self-attention mask, True = blocked, for denoising groups followed by query groups of `sizes`.
 
@@ -96,6 +113,8 @@ class DenoisingGenerator(nn.Module):
             raise UserError(f"model.denoising.label_noise: must be in [0, 1], got {cfg.label_noise}")
         if cfg.box_noise < 0:
             raise UserError(f"model.denoising.box_noise: must be >= 0, got {cfg.box_noise}")
+        if cfg.query_budget < 0:
+            raise UserError(f"model.denoising.query_budget: must be >= 0 (0: num_groups), got {cfg.query_budget}")
         self.cfg = cfg
         self.num_classes = num_classes
         self.label_embed = nn.Embedding(num_classes, hidden_dim - 1)
@@ -104,13 +123,19 @@ class DenoisingGenerator(nn.Module):
                 generator: Optional[torch.Generator] = None) -> DenoisingGroups:
         device = self.label_embed.weight.device
         sizes = [len(t["labels"]) for t in targets]
-        pad, groups = max(sizes, default=0), self.cfg.num_groups
+        pad, contrastive = max(sizes, default=0), self.cfg.contrastive
+        groups = max(1, self.cfg.query_budget // pad) if self.cfg.query_budget > 0 and pad else self.cfg.num_groups
         labels = pad_sequence([t["labels"] for t in targets], batch_first=True).to(device)
-        boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=0.5).to(device)
-        copies = 2 if self.cfg.contrastive else 1  # positives, then negatives, in every group
-        labels = noise_labels(labels.repeat(1, groups * copies), self.cfg.label_noise, self.num_classes, generator)
+        # padding: a box in the image's middle (DN-DETR: never scored); DINO scores it as "no object", so a
+        # vanishing box at the corner, as the reference's zero boxes
+        padding = 0.0 if contrastive else 0.5
+        boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=padding).to(device)
+        copies = 2 if contrastive else 1  # positives, then negatives, in every group
+        ratio = self.cfg.label_noise / 2 if contrastive else self.cfg.label_noise  # DINO flips half as many
+        labels = noise_labels(labels.repeat(1, groups * copies), ratio, self.num_classes, generator)
         negative = torch.arange(groups * copies * pad, device=device) // pad % copies == 1
-        boxes = noise_boxes(boxes.repeat(1, groups * copies, 1), self.cfg.box_noise, generator, negative[:, None])
+        noise = noise_corners if contrastive else noise_boxes
+        boxes = noise(boxes.repeat(1, groups * copies, 1), self.cfg.box_noise, generator, negative[:, None])
         embedding = self.label_embed(labels)
         content = torch.cat((embedding, embedding.new_ones(*labels.shape, 1)), dim=-1)
         valid = torch.arange(pad, device=device) < torch.tensor(sizes, device=device)[:, None]
