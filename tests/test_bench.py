@@ -40,7 +40,7 @@ def test_each_arch_has_a_teacher_and_a_student_config_with_the_same_kd_block(arc
     from kddetr.config import load_config
     from kddetr.models.build import build_detector, count_parameters
 
-    from kddetr.models.registry import spec
+    from kddetr.registry import spec
 
     teacher_path, student_path, shipped = spec(arch).teacher_config, spec(arch).student_config, spec(arch).shipped_teacher
     teacher_cfg, student_cfg = load_config(REPO / teacher_path), load_config(REPO / student_path)

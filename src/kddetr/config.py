@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from kddetr.errors import UserError
-from kddetr.models.registry import REGISTRY, load, spec
+from kddetr.registry import REGISTRY, load, spec
 
 
 def positive(default: Any) -> Any:

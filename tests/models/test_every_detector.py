@@ -18,7 +18,7 @@ from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint, save_checkpoi
 from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.protocol import Detector, ImageBatch, Queries
-from kddetr.models.registry import REGISTRY
+from kddetr.registry import REGISTRY
 
 ROOT = Path(__file__).parents[2]
 CLASSES = 4

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from kddetr.config import Config, load_config
 from kddetr.models.protocol import ImageBatch, Queries
-from kddetr.models.registry import REGISTRY, spec
+from kddetr.registry import REGISTRY, spec
 
 PARITY_TOLERANCE = 1e-3
 

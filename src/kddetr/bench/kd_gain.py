@@ -16,7 +16,7 @@ import yaml
 
 from kddetr.bench import records
 from kddetr.errors import UserError
-from kddetr.models.registry import REGISTRY, spec
+from kddetr.registry import REGISTRY, spec
 from kddetr.viz import read_metrics
 
 # name -> (command, extra --set overrides); every student run shares the student config, schedule and seed.

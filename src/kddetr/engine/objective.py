@@ -56,7 +56,7 @@ def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teac
     from kddetr.kd.distiller import Distiller, KDTerms
     from kddetr.models.build import build_criterion, build_detector
     from kddetr.models.criterion import build_matcher
-    from kddetr.models.registry import spec
+    from kddetr.registry import spec
 
     student = build_detector(cfg.model, num_classes)
     criterion = build_criterion(cfg.model, num_classes)

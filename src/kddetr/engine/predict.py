@@ -46,7 +46,7 @@ def check_images(inputs: Sequence[Path]) -> int:
 def _predict_all(ckpt: Checkpoint, inputs: Sequence[Path], out_dir: Path, detections: Path,
                  score_threshold: float, top_k: Optional[int], device: str) -> int:
     """Draw each image's detections into `out_dir` and stream them into `detections` as one JSON list."""
-    from kddetr.api import Predictor
+    from kddetr.engine.predictor import Predictor
 
     predictor = Predictor(ckpt.model, ckpt.config, ckpt.dataset, torch.device(device))
     label_of = {c: i for i, c in enumerate(ckpt.dataset.category_ids)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from kddetr.config import ModelConfig
-from kddetr.models.registry import load, spec
+from kddetr.registry import load, spec
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The detector registry: one entry per architecture holds everything the rest of kddetr needs to know about it."""
+"""The detector registry: one entry per architecture, its detector, loss and options loaded by name when used."""
 from __future__ import annotations
 
 import importlib
