@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kddetr", description="KD-DETR: distil a big DETR into a small one.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_parsers(sub)
+    _add_run_parsers(sub)
+    _add_tool_parsers(sub)
+    add_import_export_parsers(sub)
+    return parser
 
+
+def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="make datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="generate the embedded COCO-format dataset")
     synth.add_argument("--out", type=Path, required=True)
@@ -54,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     forest.add_argument("--tile-size", type=int, default=400)
     forest.add_argument("--cache", type=Path, default=None, help="where to keep the downloaded wheel")
 
+
+def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
+    """train, distill, eval and predict."""
     train = sub.add_parser("train", help="train a detector")
     _add_run_options(train)
     distill = sub.add_parser("distill", help="distil a teacher checkpoint into a student (KD-DETR)")
@@ -78,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most detections per image (default: the checkpoint's model.num_select)")
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+
+def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
+    """pretrain-backbone, bench and plot."""
     pt = sub.add_parser("pretrain-backbone", help="pretrain a ResNet on object/background crops (offline ImageNet stand-in)")
     pt.add_argument("--data", type=Path, required=True, help="COCO-format dataset dir")
     pt.add_argument("--arch", default="resnet18", help="resnet10 | resnet18 | resnet34 | resnet50 | resnet101")
@@ -100,8 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", type=Path, required=True)
     pl.add_argument("--x", choices=["epoch", "step", "time"], default="epoch",
                     help="x axis: epochs, optimizer steps or training minutes (default: epoch)")
-    add_import_export_parsers(sub)
-    return parser
 
 
 def cmd_data(args: argparse.Namespace) -> None:

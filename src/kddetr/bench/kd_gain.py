@@ -222,7 +222,7 @@ def bar_chart(rows: list[tuple[str, dict, float]], teacher_ap: Optional[float], 
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kddetr bench kd", description=__doc__)
     p.add_argument("--arch", choices=ARCHS, default="dab_detr",
                    help="detector of teacher and student: its configs/embedded_*.yaml pair")
@@ -244,7 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every run (a teacher trained here included)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
     variants = list(DEMO_VARIANTS) if args.demo else args.variants
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.schedule == "full" else [])
     rows = plan_rows(variants, seeds, SEEDED_VARIANTS)
