@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kddetr.bench import gpu_check
+from kddetr.bench import coco_scale, gpu_check
 from kddetr.data.synth import generate
 
 REPO = Path(__file__).parents[1]
@@ -43,7 +43,6 @@ def test_a_failing_command_is_a_failed_row_and_the_table_names_the_device():
 
 
 def test_coco_scale_bench_loads_and_scores_what_it_generates(capsys):
-    from kddetr.bench import coco_scale
 
     coco = coco_scale.make_annotations(30, 200, 80)
     assert len(coco["images"]) == 30 and len(coco["annotations"]) == 200 and len(coco["categories"]) == 80
@@ -54,5 +53,22 @@ def test_coco_scale_bench_loads_and_scores_what_it_generates(capsys):
     out = capsys.readouterr().out
     assert "| load annotations (CocoDetection) | 300 images, 2000 boxes, 80 classes |" in out
     assert "| COCO evaluation (faster-coco-eval) | 20 images x 30 detections |" in out
+
+
+
+def test_tree_memory_counts_pages_shared_with_a_forked_worker_once():
+    """A loader worker forked from the trainer shares its pages: summed RSS would count them twice, PSS once."""
     import os
-    assert 100 < coco_scale._tree_rss_mib(os.getpid()) < 1e5  # this process, torch imported
+    import time
+
+    alone = coco_scale._tree_pss_mib(os.getpid())
+    assert 100 < alone < 1e5  # this process, torch imported
+    child = os.fork()
+    if child == 0:
+        time.sleep(3)
+        os._exit(0)
+    try:
+        time.sleep(0.5)
+        assert coco_scale._tree_pss_mib(os.getpid()) < 1.2 * alone
+    finally:
+        os.waitpid(child, 0)

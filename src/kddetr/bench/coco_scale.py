@@ -87,14 +87,15 @@ def eval_benchmark(num_images: int, per_image: int) -> dict:
     return {"seconds": time.perf_counter() - start, "detections": len(results), "AP": metrics["AP"]}
 
 
-def _tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Linux /proc), MiB."""
+def _tree_pss_mib(pid: int) -> float:
+    """Proportional set size of a process and all its descendants (Linux /proc), MiB: pages a forked loader worker
+    shares with its parent count once, not once per process as resident-set sizes would."""
     total, stack = 0.0, [pid]
     while stack:
         current = stack.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")) / 1024
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+            total += next(int(l.split()[1]) for l in rollup.splitlines() if l.startswith("Pss:")) / 1024
             for task in Path(f"/proc/{current}/task").iterdir():
                 stack += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, StopIteration):
@@ -103,11 +104,13 @@ def _tree_rss_mib(pid: int) -> float:
 
 
 def training_rss(num_images: int, workers: int, tmp: Path, epochs: int = 2) -> list[float]:
-    """`kddetr train` (a small student, 64 px, `workers` loader processes) over a `num_images` dataset: the RSS of
-    the whole process tree at the end of each epoch."""
+    """`kddetr train` (a small student, 64 px, `workers` loader processes) over a `num_images` dataset: the peak
+    memory (PSS) of the whole process tree up to the end of each epoch. No val split, so no evaluation loader
+    (with workers of its own) joins at the last epoch: the probe measures training alone."""
     from kddetr.data.synth import generate
 
-    generate(tmp / "data", num_train=num_images, num_val=0, size=64, seed=0)
+    generate(tmp / "data", num_train=num_images, num_val=0, num_test=0, size=64, seed=0)
+    (tmp / "data" / "annotations" / "instances_val.json").unlink(missing_ok=True)
     small = ["model.hidden_dim=32", "model.dim_feedforward=64", "model.num_queries=10", "data.train_sizes=[64]",
              "data.eval_size=64", "train.batch_size=16", "train.eval_every=0", f"data.num_workers={workers}",
              "model.backbone.weights=null", "model.backbone.num_stages=2"]
@@ -117,7 +120,7 @@ def training_rss(num_images: int, workers: int, tmp: Path, epochs: int = 2) -> l
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, per_epoch, peak = tmp / "run" / "metrics.jsonl", [], 0.0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss_mib(proc.pid))
+        peak = max(peak, _tree_pss_mib(proc.pid))
         done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
         if done > len(per_epoch):
             per_epoch.append(peak)  # the highest RSS seen up to the end of this epoch
@@ -156,9 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "train-rss" in parts and args.train_images:
         with tempfile.TemporaryDirectory() as tmp:
             rss = training_rss(args.train_images, args.workers, Path(tmp))
-        lines.append(f"\nTraining over {args.train_images} images ({args.workers} loader workers): peak RSS of the "
-                     f"process tree {rss[0]:.0f} MiB by the end of epoch 1, {rss[-1]:.0f} MiB by the end of epoch "
-                     f"{len(rss)} (growth after the first epoch: {rss[-1] - rss[0]:+.0f} MiB)")
+        lines.append(f"\nTraining over {args.train_images} images ({args.workers} loader workers): peak memory (PSS) "
+                     f"of the process tree {rss[0]:.0f} MiB by the end of epoch 1, {rss[-1]:.0f} MiB by the end of "
+                     f"epoch {len(rss)} (growth after the first epoch: {rss[-1] - rss[0]:+.0f} MiB)")
     text = "\n".join(lines)
     print(text)
     if args.records:
