@@ -26,16 +26,20 @@ class DetectorSpec:
     student_config: Optional[Path] = None  # a student that learns on the embedded data (CPU checks, benches)
     teacher_config: Optional[Path] = None  # its teacher there; with it `kddetr bench kd --arch` runs the pair
     shipped_teacher: Optional[Path] = None  # a committed trained teacher (else the bench trains one first)
+    hf: Optional[str] = None  # "module:CONVERTER" to and from its HF transformers counterpart, if any
+    official: Optional[str] = None  # "module:READER" of its official repository's checkpoints, if any
 
 
 SPECS = (
     DetectorSpec("dab_detr", "DAB-DETR", "kddetr.models.dab_detr:DABDETR", "kddetr.models.criterion:build_criterion",
                  300, "kddetr.models.dab_detr:DABOptions", student_config=Path("configs/embedded_student.yaml"),
-                 teacher_config=Path("configs/embedded_teacher.yaml"), shipped_teacher=Path("assets/teacher")),
+                 teacher_config=Path("configs/embedded_teacher.yaml"), shipped_teacher=Path("assets/teacher"),
+                 hf="kddetr.interop.hf_dab_detr:CONVERTER", official="kddetr.interop.official:DAB_DETR"),
     DetectorSpec("deformable_detr", "Deformable DETR", "kddetr.models.deformable_detr:DeformableDETR",
                  "kddetr.models.criterion:build_criterion", 100, "kddetr.models.deformable_detr:DeformableOptions",
                  student_config=Path("configs/embedded_deformable_student.yaml"),
-                 teacher_config=Path("configs/embedded_deformable_teacher.yaml")),
+                 teacher_config=Path("configs/embedded_deformable_teacher.yaml"),
+                 hf="kddetr.interop.hf_deformable_detr:CONVERTER", official="kddetr.interop.official:DEFORMABLE_DETR"),
     DetectorSpec("dino", "DINO", "kddetr.models.dino:DINO", "kddetr.models.criterion:build_criterion", 300,
                  "kddetr.models.dino:DINOOptions",
                  student_config=Path("configs/embedded_dino_student.yaml"),

@@ -11,7 +11,9 @@ from kddetr.config import Config
 from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
 from kddetr.errors import UserError
 from kddetr.interop.cli import import_checkpoint
-from kddetr.interop.hf import hf_config, hf_to_ours, model_config_from_hf
+from kddetr.interop.hf import hf_config, hf_to_ours
+from kddetr.interop.hf_dab_detr import DAB
+from kddetr.interop.hf_dab_detr import config_from_hf as model_config_from_hf
 from kddetr.interop.onnx import sample_inputs
 from kddetr.models.protocol import ImageBatch
 
@@ -105,13 +107,27 @@ def test_backbone_variants_from_hf_configs() -> None:
     t = torch.ones(1)
     for prefix in ("model.backbone.conv_encoder.model.", "model.backbone.conv_encoder.model._backbone."):
         timm_state = {prefix + "layer1.0.conv1.weight": t, prefix + "layer4.0.bn1.weight": t}
-        assert hf_to_ours(timm_state, num_stages=3) == {"backbone.body.layer1.0.conv1.weight": t}
+        assert hf_to_ours(timm_state, 3, DAB) == {"backbone.body.layer1.0.conv1.weight": t}
 
 
 @pytest.mark.parametrize("change", [{"pre_norm_layers": True}, {"modulate_hw_attn": False}, {"temperature": 20.5}])
 def test_export_refuses_what_hf_cannot_express(change: dict) -> None:
     with pytest.raises(UserError, match=next(iter(change))):
         hf_config(tiny_config(**change), DatasetInfo([1], ["a"]))
+
+
+def test_export_of_a_detector_without_an_hf_counterpart_is_one_clear_error() -> None:
+    with pytest.raises(UserError, match="model.arch: dino has no HF transformers counterpart"):
+        hf_config(tiny_config(arch="dino"), DatasetInfo([1], ["a"]))
+
+
+def test_every_registered_converter_is_found_by_its_model_type() -> None:
+    from kddetr.interop.hf import converters
+    from kddetr.registry import REGISTRY
+
+    found = converters()
+    assert {c.architecture for c in found.values()} == {"DabDetrForObjectDetection", "DeformableDetrForObjectDetection"}
+    assert len(found) == sum(1 for entry in REGISTRY.values() if entry.hf)
 
 
 def test_import_needs_a_local_model_dir(tmp_path: Path) -> None:

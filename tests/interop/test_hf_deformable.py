@@ -10,7 +10,8 @@ from kddetr.config import Config
 from kddetr.engine.checkpoint import DatasetInfo, load_checkpoint
 from kddetr.errors import UserError
 from kddetr.interop.cli import import_checkpoint
-from kddetr.interop.hf import deformable_config_from_hf, hf_config
+from kddetr.interop.hf import hf_config
+from kddetr.interop.hf_deformable_detr import config_from_hf as deformable_config_from_hf
 from kddetr.interop.onnx import sample_inputs
 from kddetr.models.protocol import ImageBatch
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kddetr.config import BackboneConfig, ModelConfig
-from kddetr.interop.hf import deformable_hf_to_ours
+from kddetr.interop.hf_deformable_detr import state_to_ours as deformable_hf_to_ours
 from kddetr.models.deformable_detr import DeformableDETR
 from kddetr.models.layers import inverse_sigmoid
 from kddetr.models.protocol import ImageBatch

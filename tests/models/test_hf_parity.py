@@ -6,6 +6,7 @@ import torch
 
 from kddetr.config import BackboneConfig, ModelConfig
 from kddetr.interop.hf import hf_to_ours
+from kddetr.interop.hf_dab_detr import DAB
 from kddetr.models.dab_detr import DABDETR
 from kddetr.models.protocol import ImageBatch
 from tests.interop import randomise  # unit-scale weights, so that a wrong mapping shows
@@ -36,7 +37,7 @@ def _build_pair(backbone: str, num_stages: int, activation: str, normalize_befor
                       dim_feedforward=FFN, num_queries=QUERIES, activation=activation,
                       ).replace(normalize_before=normalize_before, temperature=hf_cfg.temperature_height)
     ours = DABDETR(cfg, CLASSES).eval()
-    ours.load_state_dict(hf_to_ours(hf.state_dict(), num_stages), strict=True)
+    ours.load_state_dict(hf_to_ours(hf.state_dict(), num_stages, DAB), strict=True)
     return hf, ours
 
 

@@ -274,7 +274,7 @@ def hf_table(bench: Bench) -> str:
 
 def hf_pair(bench: Bench, arch: str, transformers: Any) -> tuple[nn.Module, nn.Module, float]:
     """Our detector with the student's sizes and HF's built from the same config and weights (offline)."""
-    from kddetr.interop.hf import HF_DETECTORS, write_hf
+    from kddetr.interop.hf import converter_for, write_hf
 
     model = bench.cfg.model  # HF: no denoising groups, batch norm always frozen
     overrides: dict[str, Any] = {"arch": arch, "group_isolation": "separate",
@@ -287,8 +287,7 @@ def hf_pair(bench: Bench, arch: str, transformers: Any) -> tuple[nn.Module, nn.M
     names = DatasetInfo(list(range(bench.num_classes)), [f"class_{i}" for i in range(bench.num_classes)])
     with tempfile.TemporaryDirectory() as tmp:
         write_hf(tmp, cfg, {k: v.cpu() for k, v in ours.state_dict().items()}, names)
-        model_type = "dab-detr" if arch == "dab_detr" else "deformable_detr"
-        hf_class = getattr(transformers, HF_DETECTORS[model_type].architecture)
+        hf_class = getattr(transformers, converter_for(arch).architecture)
         hf = hf_class.from_pretrained(tmp).to(bench.device).eval()
     with torch.inference_mode():
         out = ours(bench.images)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kddetr.errors import UserError
+from kddetr.registry import REGISTRY
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -133,13 +134,13 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, opset: 
 def add_import_export_parsers(subparsers: argparse._SubParsersAction) -> None:
     imp = subparsers.add_parser("import", help="convert a teacher trained elsewhere into a kddetr checkpoint")
     kinds = imp.add_subparsers(dest="import_source", required=True)
-    hf = kinds.add_parser("hf", help="a local HF transformers DabDetrForObjectDetection or "
-                                     "DeformableDetrForObjectDetection directory")
+    hf = kinds.add_parser("hf", help="a local HF transformers detector directory (" + ", ".join(
+        f"{arch}: {entry.name}" for arch, entry in REGISTRY.items() if entry.hf) + ")")
     hf.add_argument("path", type=Path, help="directory with config.json and model.safetensors/pytorch_model.bin")
     official = kinds.add_parser("official", help="an official DAB-DETR / KD-DETR / Deformable-DETR repo checkpoint "
                                                  "(.pth)")
     official.add_argument("path", type=Path, help="checkpoint file ({'model': state_dict, 'args': ...})")
-    official.add_argument("--arch", default="dab_detr", choices=["dab_detr", "deformable_detr"],
+    official.add_argument("--arch", default="dab_detr", choices=[a for a, e in REGISTRY.items() if e.official],
                           help="detector of the checkpoint")
     official.add_argument("--num-classes", type=int, default=None, help="check the class head has N outputs")
     official.add_argument("--config", type=Path, default=None,

@@ -1,8 +1,8 @@
-"""HF transformers DAB-DETR and Deformable DETR directories to and from ours (config and weight names)."""
+"""HF transformers detector directories to and from ours: what every converter shares (ResNet backbones, weight
+renaming, categories, files); each detector's own part is its `interop/hf_<arch>.py`."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,7 @@ from kddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.models.backbone import RESNETS
-from kddetr.models.dab_detr import DABOptions
-from kddetr.models.deformable_detr import DeformableOptions
+from kddetr.registry import REGISTRY, load, spec
 
 
 @dataclass(frozen=True)
@@ -34,63 +33,10 @@ class Naming:
 
 
 FFN = {"fc1": "ffn.linear1", "fc2": "ffn.linear2", "activation_fn": "ffn.activation"}
-DAB = Naming(
-    top={"model.query_refpoint_embeddings": "refpoint_embed", "model.input_projection": "input_proj",
-         "model.patterns": "patterns",
-         "model.encoder.query_scale": "encoder.query_scale", "model.encoder.norm": "encoder.norm",
-         "model.decoder.layernorm": "decoder.norm", "model.decoder.query_scale": "decoder.query_scale",
-         "model.decoder.ref_point_head": "decoder.ref_point_head",
-         "model.decoder.ref_anchor_head": "decoder.ref_anchor_head",
-         "bbox_predictor": "bbox_embed", "class_embed": "class_embed"},
-    encoder={"self_attn.out_proj": "self_attn.out_proj", "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2",
-             **FFN},
-    decoder={"self_attn.self_attn_query_content_proj": "sa_qcontent_proj",
-             "self_attn.self_attn_query_pos_proj": "sa_qpos_proj",
-             "self_attn.self_attn_key_content_proj": "sa_kcontent_proj",
-             "self_attn.self_attn_key_pos_proj": "sa_kpos_proj", "self_attn.self_attn_value_proj": "sa_v_proj",
-             "self_attn.self_attn.output_proj": "self_attn.out_proj", "self_attn.self_attn_layer_norm": "norm1",
-             "cross_attn.cross_attn_query_content_proj": "ca_qcontent_proj",
-             "cross_attn.cross_attn_query_pos_proj": "ca_qpos_proj",
-             "cross_attn.cross_attn_query_pos_sine_proj": "ca_qpos_sine_proj",
-             "cross_attn.cross_attn_key_content_proj": "ca_kcontent_proj",
-             "cross_attn.cross_attn_key_pos_proj": "ca_kpos_proj", "cross_attn.cross_attn_value_proj": "ca_v_proj",
-             "cross_attn.cross_attn.output_proj": "cross_attn.out_proj", "cross_attn.cross_attn_layer_norm": "norm2",
-             "mlp.final_layer_norm": "norm3", **{f"mlp.{k}": v for k, v in FFN.items()}},
-    layer_infix=".layers.", fused="encoder", tied=("model.decoder.bbox_embed.",))
-MS_DEFORM_ATTN = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
-# transformers 5 renames on loading: in-memory names first, the on-disk ones (older versions', what
-# `save_pretrained` writes and what export writes) last, so that they win when the tables are inverted.
-ON_DISK_FFN = {"mlp.fc1": "ffn.linear1", "mlp.fc2": "ffn.linear2", "fc1": "ffn.linear1", "fc2": "ffn.linear2"}
-DEFORMABLE = Naming(
-    top={**{f"model.{m}": m for m in ("level_embed", "input_proj", "reference_points", "enc_output",
-                                       "enc_output_norm", "pos_trans", "pos_trans_norm")},
-         "model.query_position_embeddings": "query_embed", "class_embed": "class_embed", "bbox_embed": "bbox_embed"},
-    encoder={**{f"self_attn.{p}": f"self_attn.{p}" for p in MS_DEFORM_ATTN}, "self_attn_layer_norm": "norm1",
-             "final_layer_norm": "norm2", **ON_DISK_FFN},
-    decoder={"self_attn.o_proj": "self_attn.out_proj", "self_attn.out_proj": "self_attn.out_proj",
-             "self_attn_layer_norm": "norm1", **{f"encoder_attn.{p}": f"cross_attn.{p}" for p in MS_DEFORM_ATTN},
-             "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3", **ON_DISK_FFN},
-    layer_infix=".", fused="decoder")
-HEADS = ("class_embed", "bbox_embed")
 # The ResNet: HF ResNet names or timm's (= torchvision's); `conv_encoder.` on disk, not in memory (transformers 5).
 HF_BACKBONE = "model.backbone.conv_encoder.model."
 HF_BACKBONE_KEY = re.compile(r"model\.backbone\.(?:conv_encoder\.)?model\.(?:_backbone\.)?(.+)")
 
-# DabDetrConfig and DeformableDetrConfig defaults, which older `save_pretrained` versions leave out of config.json.
-HF_DEFAULTS: dict[str, Any] = {
-    "num_queries": 300, "encoder_layers": 6, "decoder_layers": 6, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048,
-    "encoder_attention_heads": 8, "decoder_attention_heads": 8, "activation_function": "prelu",
-    "hidden_size": 256, "dropout": 0.1, "temperature_height": 20, "temperature_width": 20, "query_dim": 4,
-    "random_refpoints_xy": False, "keep_query_pos": False, "num_patterns": 0, "normalize_before": False,
-    "dilation": False, "sine_position_embedding_scale": None, "use_timm_backbone": True, "backbone": "resnet50",
-}
-DEFORMABLE_DEFAULTS: dict[str, Any] = {
-    "num_queries": 300, "encoder_layers": 6, "decoder_layers": 6, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024,
-    "encoder_attention_heads": 8, "decoder_attention_heads": 8, "activation_function": "relu", "d_model": 256,
-    "dropout": 0.1, "position_embedding_type": "sine", "num_feature_levels": 4, "encoder_n_points": 4,
-    "decoder_n_points": 4, "with_box_refine": False, "two_stage": False, "two_stage_num_proposals": 300,
-    "dilation": False, "use_timm_backbone": True, "backbone": "resnet50",
-}
 RESNET_DEFAULTS: dict[str, Any] = {  # transformers.ResNetConfig
     "embedding_size": 64, "hidden_sizes": [256, 512, 1024, 2048], "depths": [3, 4, 6, 3],
     "layer_type": "bottleneck", "hidden_act": "relu", "downsample_in_first_stage": False,
@@ -147,7 +93,7 @@ def _rename(key: str, naming: Naming) -> str:
     raise KeyError(key)
 
 
-def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int, naming: Naming = DAB) -> dict[str, Tensor]:
+def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int, naming: Naming) -> dict[str, Tensor]:
     """Rename an HF state dict to ours; q/k/v projections of the `naming.fused` self-attention become one in_proj.
 
     HF builds (and runs) every ResNet stage whatever its `out_features`; ours stops at `num_stages`.
@@ -174,32 +120,7 @@ def hf_to_ours(hf_state: dict[str, Tensor], num_stages: int, naming: Naming = DA
     return ours
 
 
-def num_deformable_heads(cfg: ModelConfig) -> tuple[int, int]:
-    """Class/box heads of a Deformable DETR: (ours, the reference's), which has one per prediction even if shared."""
-    predictions = cfg.decoder_layers + cfg.options.two_stage
-    return (predictions if cfg.options.box_refine else 1), predictions
-
-
-def deformable_hf_to_ours(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Rename an HF Deformable DETR state dict to ours, heads included.
-
-    HF ties heads: `class_embed.i` may be saved only as `model.decoder.class_embed.i` (two-stage), or not at
-    all when tied to `class_embed.0` (shared heads; class heads with box refinement alone); the same for
-    `bbox_embed`. Ours keeps one shared head, or one per prediction with box refinement.
-    """
-    ours_heads, _ = num_deformable_heads(cfg)
-    heads: dict[str, Tensor] = {}
-    for kind, i in ((kind, i) for kind in HEADS for i in range(ours_heads)):
-        for source in (f"{kind}.{i}.", f"model.decoder.{kind}.{i}.", f"{kind}.0."):
-            found = {k[len(source):]: v for k, v in hf_state.items() if k.startswith(source)}
-            if found:
-                heads.update({f"{kind}.{i}.{leaf}": v for leaf, v in found.items()})
-                break
-    rest = {k: v for k, v in hf_state.items() if not re.match(r"(model\.decoder\.)?(class|bbox)_embed\.", k)}
-    return {**hf_to_ours(rest, cfg.backbone.num_stages, DEFORMABLE), **heads}
-
-
-def _rename_to_hf(state: dict[str, Tensor], naming: Naming) -> dict[str, Tensor]:
+def rename_to_hf(state: dict[str, Tensor], naming: Naming) -> dict[str, Tensor]:
     """Our state dict -> HF names (inverse of `hf_to_ours`), copies of tied parameters left out."""
     top = {ours: hf for hf, ours in naming.top.items()}
     tables = {part: {o: h for h, o in getattr(naming, part).items()} for part in ("encoder", "decoder")}
@@ -225,25 +146,10 @@ def _rename_to_hf(state: dict[str, Tensor], naming: Naming) -> dict[str, Tensor]
 
 
 def ours_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Our state dict -> HF names (inverse of `hf_to_ours`), with what HF holds besides: every tied copy, and
-    the ResNet stages we do not use (torchvision's initial weights; HF always builds four, they never reach
-    the outputs).
+    """Our state dict -> HF names, with what HF holds besides: every tied copy (the converter's), and the ResNet
+    stages we do not use (torchvision's initial weights; HF always builds four, they never reach the outputs).
     """
-    if cfg.arch == "deformable_detr":
-        heads = {k: v for k, v in state.items() if k.startswith(tuple(f"{h}." for h in HEADS))}
-        hf = _rename_to_hf({k: v for k, v in state.items() if k not in heads}, DEFORMABLE)
-        ours_heads, hf_heads = num_deformable_heads(cfg)
-        copies = {"bbox_embed": cfg.options.box_refine, "class_embed": cfg.options.two_stage}  # also model.decoder
-        for key, value in heads.items():
-            kind, i, rest = key.split(".", 2)
-            for j in (range(hf_heads) if ours_heads == 1 else [int(i)]):
-                hf[f"{kind}.{j}.{rest}"] = value
-                if copies[kind]:
-                    hf[f"model.decoder.{kind}.{j}.{rest}"] = value
-    else:
-        hf = _rename_to_hf(state, DAB)
-        for key in [k for k in hf if k.startswith("bbox_predictor.")]:
-            hf["model.decoder.bbox_embed." + key[len("bbox_predictor."):]] = hf[key]
+    hf = converter_for(cfg.arch).state_to_hf(state, cfg)
     unused = RESNETS[cfg.backbone.name]().state_dict()
     for key, value in unused.items():
         stage = re.match(r"layer(\d)\.", key)
@@ -252,7 +158,7 @@ def ours_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
 
 
-def _backbone_from_hf(hf: dict, where: str, timm_out: list[int]) -> tuple[BackboneConfig, list[int]]:
+def backbone_from_hf(hf: dict, where: str, timm_out: list[int]) -> tuple[BackboneConfig, list[int]]:
     """Our backbone config and the stages HF takes features from, from `backbone_config` (HF ResNet or timm
     ResNet) or the older top-level keys (`timm_out`: that model's default stages of a timm backbone).
     """
@@ -292,74 +198,17 @@ def _backbone_from_hf(hf: dict, where: str, timm_out: list[int]) -> tuple[Backbo
     return BackboneConfig(name=name, num_stages=max(stages), frozen_bn=True, freeze_stem=True), list(stages)
 
 
-def _check_same(hf: dict, pairs: tuple[tuple[str, str], ...], where: str) -> None:
+def check_same(hf: dict, pairs: tuple[tuple[str, str], ...], where: str) -> None:
     for first, second in pairs:
         if hf[first] != hf[second]:
             raise UserError(f"{where}: {second}={hf[second]} differs from {first}={hf[first]}; "
                             "kddetr uses one value for both")
 
 
-def _check_activation(hf: dict, supported: tuple[str, ...], where: str) -> None:
+def check_activation(hf: dict, supported: tuple[str, ...], where: str) -> None:
     if hf["activation_function"] not in supported:
         raise UserError(f"{where}: activation_function={hf['activation_function']!r} is not supported "
                         f"({', '.join(supported)})")
-
-
-def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """Our `ModelConfig` from an HF DAB-DETR config dict; options we cannot reproduce raise `UserError`."""
-    model_type = hf.get("model_type")
-    if model_type != "dab-detr":
-        raise UserError(f"{where}: model_type={model_type!r}: a DAB-DETR config ('dab-detr') expected here")
-    hf = {**HF_DEFAULTS, **hf}
-    for key, only in (("keep_query_pos", False), ("query_dim", 4)):
-        if hf[key] != only:
-            raise UserError(f"{where}: {key}={hf[key]!r} is not supported (only {only!r})")
-    scale = hf["sine_position_embedding_scale"]
-    if scale is not None and not math.isclose(scale, 2 * math.pi):
-        raise UserError(f"{where}: sine_position_embedding_scale={scale} is not supported (only 2π)")
-    _check_same(hf, (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim"),
-                     ("temperature_height", "temperature_width")), where)
-    _check_activation(hf, ("relu", "prelu", "gelu"), where)
-    backbone, _ = _backbone_from_hf(hf, where, timm_out=[4])
-    return ModelConfig(
-        arch="dab_detr", backbone=backbone, hidden_dim=hf["hidden_size"],
-        num_heads=hf["encoder_attention_heads"], encoder_layers=hf["encoder_layers"],
-        decoder_layers=hf["decoder_layers"], dim_feedforward=hf["encoder_ffn_dim"], dropout=float(hf["dropout"]),
-        activation=hf["activation_function"], num_queries=hf["num_queries"],
-        options=DABOptions(normalize_before=hf["normalize_before"], num_patterns=hf["num_patterns"],
-                           random_refpoints_xy=hf["random_refpoints_xy"], temperature=float(hf["temperature_height"])))
-
-
-def backbone_levels(levels: int, num_stages: int) -> list[int]:
-    """The ResNet stages a Deformable DETR with `levels` feature levels takes features from (the last ones)."""
-    return list(range(num_stages - min(levels, 3, num_stages) + 1, num_stages + 1))
-
-
-def deformable_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """Our `ModelConfig` from an HF Deformable DETR config dict; options we cannot reproduce raise `UserError`."""
-    hf = {**DEFORMABLE_DEFAULTS, **hf}
-    if hf["position_embedding_type"] != "sine":
-        raise UserError(f"{where}: position_embedding_type={hf['position_embedding_type']!r} is not supported "
-                        "(only 'sine')")
-    if hf["two_stage"] and not hf["with_box_refine"]:
-        raise UserError(f"{where}: two_stage=true needs with_box_refine=true")
-    _check_same(hf, (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim"),
-                     ("encoder_n_points", "decoder_n_points")), where)
-    _check_activation(hf, ("relu", "gelu"), where)
-    levels = hf["num_feature_levels"]
-    backbone, stages = _backbone_from_hf(hf, where, timm_out=[2, 3, 4] if levels > 1 else [4])
-    if sorted(stages) != backbone_levels(levels, backbone.num_stages):
-        raise UserError(f"{where}: backbone_config out_features/out_indices {stages} with num_feature_levels="
-                        f"{levels}: kddetr takes stages {backbone_levels(levels, backbone.num_stages)}")
-    return ModelConfig(
-        arch="deformable_detr", backbone=backbone, hidden_dim=hf["d_model"],
-        num_heads=hf["encoder_attention_heads"], encoder_layers=hf["encoder_layers"],
-        decoder_layers=hf["decoder_layers"], dim_feedforward=hf["encoder_ffn_dim"], dropout=float(hf["dropout"]),
-        activation=hf["activation_function"],
-        num_queries=hf["two_stage_num_proposals"] if hf["two_stage"] else hf["num_queries"],
-        num_feature_levels=levels,
-        options=DeformableOptions(num_points=hf["encoder_n_points"], box_refine=hf["with_box_refine"],
-                                  two_stage=hf["two_stage"]))
 
 
 def categories_from_hf(hf: dict, num_classes: int, where: str = "config.json") -> DatasetInfo:
@@ -394,25 +243,34 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
 
 
 @dataclass(frozen=True)
-class HFDetector:
-    """One HF detector class: its config.json reader and weight renaming."""
+class HFConverter:
+    """One HF detector class and ours: config.json and weight names both ways (`interop/hf_<arch>.py`, named
+    in the detector's registry entry)."""
 
-    architecture: str
-    model_config: Callable[[dict, str], ModelConfig]
-    to_ours: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]
+    model_type: str  # config.json's
+    architecture: str  # the transformers class
+    processor: str  # an image processor whose post-processing scores sigmoid (focal) class heads: top-k
     class_head: str  # our class head's weight, whose rows are the labels
+    config_from_hf: Callable[[dict, str], ModelConfig]  # (config.json, where) -> ours; UserError if impossible
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]  # the model's config.json fields (labels added here)
+    state_to_ours: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]
+    state_to_hf: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]  # tied copies included
 
 
-HF_DETECTORS = {  # config.json model_type -> reader
-    "dab-detr": HFDetector("DabDetrForObjectDetection", model_config_from_hf,
-                           lambda state, cfg: hf_to_ours(state, cfg.backbone.num_stages), "class_embed.weight"),
-    "deformable_detr": HFDetector("DeformableDetrForObjectDetection", deformable_config_from_hf,
-                                  deformable_hf_to_ours, "class_embed.0.weight"),
-}
+def converters() -> dict[str, HFConverter]:
+    """config.json model_type -> converter, for every registered detector that has an HF counterpart."""
+    found = [load(entry.hf) for entry in REGISTRY.values() if entry.hf]
+    return {c.model_type: c for c in found}
+
+
+def converter_for(arch: str) -> HFConverter:
+    if not spec(arch).hf:
+        raise UserError(f"model.arch: {arch} has no HF transformers counterpart to export to")
+    return load(spec(arch).hf)
 
 
 def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor], DatasetInfo]:
-    """A local HF DAB-DETR or Deformable DETR directory -> our model config, our state dict, its categories."""
+    """A local HF detector directory (any registered model_type) -> our model config, state dict, categories."""
     hf_dir = Path(hf_dir)
     cfg_file = hf_dir / "config.json"
     if not cfg_file.is_file():
@@ -421,37 +279,44 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Dataset
         hf = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_file}: invalid JSON: {e}") from None
-    detector = HF_DETECTORS.get(hf.get("model_type"))
-    if detector is None:
+    known = converters()
+    converter = known.get(hf.get("model_type"))
+    if converter is None:
         raise UserError(f"{cfg_file}: model_type={hf.get('model_type')!r} is not supported "
-                        f"({', '.join(map(repr, HF_DETECTORS))})")
-    cfg = detector.model_config(hf, str(cfg_file))
-    state = detector.to_ours(_read_weights(hf_dir), cfg)
-    if detector.class_head not in state:
-        raise UserError(f"{hf_dir}: no {detector.class_head} (not a {detector.architecture} checkpoint)")
-    return cfg, state, categories_from_hf(hf, state[detector.class_head].shape[0], str(cfg_file))
+                        f"({', '.join(map(repr, known))})")
+    cfg = converter.config_from_hf(hf, str(cfg_file))
+    state = converter.state_to_ours(_read_weights(hf_dir), cfg)
+    if converter.class_head not in state:
+        raise UserError(f"{hf_dir}: no {converter.class_head} (not a {converter.architecture} checkpoint)")
+    return cfg, state, categories_from_hf(hf, state[converter.class_head].shape[0], str(cfg_file))
 
 
-def _refuse(cfg: ModelConfig, unsupported: dict[str, tuple[Any, bool]], hf_config_class: str) -> None:
+def hf_config(cfg: ModelConfig, dataset: DatasetInfo) -> dict[str, Any]:
+    """The config.json of the HF counterpart of our model; what HF cannot express raises `UserError`."""
+    return {**converter_for(cfg.arch).config_to_hf(cfg), **label_fields(dataset)}
+
+
+def refuse(unsupported: dict[str, tuple[Any, bool]], hf_config_class: str) -> None:
+    """One error for the first of our `unsupported` settings (key -> (value, whether HF lacks it))."""
     for key, (value, bad) in unsupported.items():
         if bad:
             raise UserError(f"model.{key}: {value!r} has no equivalent in HF's {hf_config_class}")
 
 
-def _resnet_config(backbone: BackboneConfig, stages: list[int]) -> dict[str, Any]:
+def resnet_config(backbone: BackboneConfig, stages: list[int]) -> dict[str, Any]:
     layer_type, depths = RESNET_SHAPES[backbone.name]
     widths = [64, 128, 256, 512] if layer_type == "basic" else [256, 512, 1024, 2048]
     return {"model_type": "resnet", **RESNET_DEFAULTS, "layer_type": layer_type, "depths": depths,
             "hidden_sizes": widths, "out_features": [f"stage{s}" for s in stages]}
 
 
-def _label_fields(dataset: DatasetInfo) -> dict[str, Any]:
+def label_fields(dataset: DatasetInfo) -> dict[str, Any]:
     return {"id2label": {str(i): name for i, name in enumerate(dataset.category_names)},
             "label2id": {name: i for i, name in enumerate(dataset.category_names)},
             CATEGORY_IDS_KEY: list(dataset.category_ids)}
 
 
-def _common_fields(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
+def common_fields(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
     return {"architectures": [architecture], "use_timm_backbone": False, "use_pretrained_backbone": False,
             "encoder_layers": cfg.encoder_layers, "decoder_layers": cfg.decoder_layers,
             "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
@@ -459,46 +324,10 @@ def _common_fields(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
             "activation_function": cfg.activation, "dropout": cfg.dropout, "num_queries": cfg.num_queries}
 
 
-def hf_config(cfg: ModelConfig, dataset: DatasetInfo) -> dict[str, Any]:
-    """The config.json of HF's DAB-DETR or Deformable DETR for our model; what HF cannot express raises `UserError`."""
-    if cfg.arch == "deformable_detr":
-        _refuse(cfg, {"activation": (cfg.activation, cfg.activation not in ("relu", "gelu")),
-                      "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation)}, "DeformableDetrConfig")
-        return {
-            "model_type": "deformable_detr", **_common_fields(cfg, "DeformableDetrForObjectDetection"),
-            "backbone_config": _resnet_config(cfg.backbone, backbone_levels(cfg.num_feature_levels,
-                                                                              cfg.backbone.num_stages)),
-            "d_model": cfg.hidden_dim, "position_embedding_type": "sine",
-            "num_feature_levels": cfg.num_feature_levels, "encoder_n_points": cfg.options.num_points,
-            "decoder_n_points": cfg.options.num_points, "with_box_refine": cfg.options.box_refine,
-            "two_stage": cfg.options.two_stage,
-            "two_stage_num_proposals": cfg.num_queries,
-            "tie_word_embeddings": False,  # every head is written out (HF would tie box-refine class heads)
-            **_label_fields(dataset)}
-    _refuse(cfg, {"arch": (cfg.arch, cfg.arch != "dab_detr")}, "DabDetrConfig")
-    dab = cfg.options
-    _refuse(cfg, {"dab_detr.pre_norm_layers": (dab.pre_norm_layers, dab.pre_norm_layers),
-                  "dab_detr.modulate_hw_attn": (dab.modulate_hw_attn, not dab.modulate_hw_attn),
-                  "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation),
-                  "dab_detr.temperature": (dab.temperature, not float(dab.temperature).is_integer())}, "DabDetrConfig")
-    return {
-        "model_type": "dab-detr", **_common_fields(cfg, "DabDetrForObjectDetection"),
-        "backbone_config": _resnet_config(cfg.backbone, [cfg.backbone.num_stages]),
-        "hidden_size": cfg.hidden_dim, "num_patterns": dab.num_patterns,
-        "random_refpoints_xy": dab.random_refpoints_xy, "normalize_before": dab.normalize_before,
-        "keep_query_pos": False, "query_dim": 4,
-        "temperature_height": int(dab.temperature), "temperature_width": int(dab.temperature),
-        **_label_fields(dataset)}
-
-
-# HF image processors whose post-processing matches a sigmoid (focal) class head: top-k over queries x classes
-HF_PROCESSORS = {"dab_detr": "ConditionalDetrImageProcessor", "deformable_detr": "DeformableDetrImageProcessor"}
-
-
 def processor_config(cfg: ModelConfig, data: DataConfig) -> dict[str, Any]:
     """`preprocessor_config.json`: the resize, normalisation and padding of `kddetr eval`, and a processor whose
     `post_process_object_detection` scores sigmoid heads (DETR's own processor would apply a softmax)."""
-    return {"image_processor_type": HF_PROCESSORS[cfg.arch], "format": "coco_detection",
+    return {"image_processor_type": converter_for(cfg.arch).processor, "format": "coco_detection",
             "do_resize": True, "size": {"shortest_edge": data.eval_size, "longest_edge": data.max_size},
             "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_convert_annotations": True,

@@ -15,6 +15,7 @@ from kddetr.config import Config, ModelConfig, from_dict, load_yaml
 from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.interop.hf import RESNET_SHAPES
+from kddetr.registry import REGISTRY, load, spec
 
 TOP_LEVEL = ("input_proj.", "refpoint_embed.", "class_embed.", "bbox_embed.")
 DEFORMABLE_TOP_LEVEL = ("query_embed.", "input_proj.", "class_embed.", "bbox_embed.")
@@ -252,15 +253,17 @@ class OfficialArch:
     class_head: str  # whose rows are the labels
 
 
-ARCHS = {
-    "dab_detr": OfficialArch(_fields_from_args, lambda state, where, _: infer_model_fields(state, where),
-                             official_to_ours, "class_embed.weight"),
-    "deformable_detr": OfficialArch(
-        _deformable_fields_from_args,
-        lambda state, where, known: infer_deformable_fields(state, where,
-                                                            known.get("num_heads", ModelConfig.num_heads)),
-        deformable_official_to_ours, "class_embed.0.weight"),
-}
+DAB_DETR = OfficialArch(_fields_from_args, lambda state, where, _: infer_model_fields(state, where),
+                        official_to_ours, "class_embed.weight")
+DEFORMABLE_DETR = OfficialArch(
+    _deformable_fields_from_args,
+    lambda state, where, known: infer_deformable_fields(state, where, known.get("num_heads", ModelConfig.num_heads)),
+    deformable_official_to_ours, "class_embed.0.weight")
+
+
+def official_archs() -> list[str]:
+    """The architectures whose official checkpoints `kddetr import official --arch` reads (registry entries)."""
+    return [arch for arch, entry in REGISTRY.items() if entry.official]
 
 
 def read_official(path: str | Path, arch: str = "dab_detr", config: Optional[str | Path] = None,
@@ -275,9 +278,9 @@ def read_official(path: str | Path, arch: str = "dab_detr", config: Optional[str
     """
     path = Path(path)
     where = str(path)
-    if arch not in ARCHS:
-        raise UserError(f"--arch {arch}: not supported (supported: {', '.join(ARCHS)})")
-    reader = ARCHS[arch]
+    if arch not in official_archs():
+        raise UserError(f"--arch {arch}: not supported (supported: {', '.join(official_archs())})")
+    reader: OfficialArch = load(spec(arch).official)
     state, args = load_official_state(path)
     data = load_yaml(config) if config is not None else {}
     model = data.setdefault("model", {})
