@@ -98,6 +98,15 @@ class Env:
         file.write_text(yaml.safe_dump(data))
         return self
 
+    def as_arch(self, arch: str) -> "Env":
+        """The checkpoint's config as another architecture's with its default options (weights unchanged)."""
+        file = self.ckpt / "config.yaml"
+        data = yaml.safe_load(file.read_text())
+        data["model"].pop(data["model"]["arch"], None)
+        data["model"]["arch"] = arch
+        file.write_text(yaml.safe_dump(data))
+        return self
+
     def write_run(self, state: object) -> "Env":
         """A run directory at `out` whose `last` checkpoint holds `state` as trainer_state.pt."""
         shutil.copytree(self.ckpt, self.out / "last")
@@ -244,6 +253,9 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
                                      ("best/model.safetensors: cannot read safetensors weights", "truncated")),
     "checkpoint config unknown key": (lambda e: e.edit_ckpt_config("train", "lr_decay", 1).eval(e.ckpt),
                                       ("best/config.yaml.train: unknown key 'lr_decay'",)),
+    "checkpoint config with another architecture's options": (
+        lambda e: e.edit_ckpt_config("model", "arch", "dino").eval(e.ckpt),
+        ("best/config.yaml.model.dab_detr: options of dab_detr, but", "model.arch is dino")),
     "eval on a non-checkpoint dir": (lambda e: e.eval(e.data), ("{root}/data: not a checkpoint directory",)),
     "eval on a run dir, not its checkpoint": (lambda e: e.eval(e.ckpt.parent), (
         "{root}/run: not a checkpoint directory", "did you mean {root}/run/best?")),
@@ -263,7 +275,7 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], tuple[str, ...]]] = {
     "init checkpoint of another shape": (lambda e: e.train("--init", str(_twelve_queries(e))), (
         "twelve: does not fit the model at refpoint_embed.weight: checkpoint (12, 4) vs model (10, 4)",
         "--init-partial")),
-    "init checkpoint of another architecture": (lambda e: e.edit_ckpt_config("model", "arch", "dino").train(
+    "init checkpoint of another architecture": (lambda e: e.as_arch("dino").train(
         "--init", str(e.ckpt)), ("best: a dino checkpoint cannot start a dab_detr model",)),
     "init not a checkpoint": (lambda e: e.train("--init", str(e.data)), ("{root}/data: not a checkpoint directory",)),
     "init class map, unknown dataset class": (lambda e: e.train("--init", str(e.ckpt), "--class-map", "tree=digit_1"),
