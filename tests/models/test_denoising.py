@@ -274,3 +274,22 @@ def test_contrastive_denoising_follows_dino_label_noise_and_query_budget() -> No
     _, targets = batch()  # at most 3 targets per image
     groups = DenoisingGenerator(budget, CLASSES, DIM)(targets)
     assert groups.num_groups == 100 // 3 and groups.queries.anchors.shape[1] == 33 * 2 * 3
+
+
+def test_unknown_class_content_is_learned_by_the_detection_queries_only() -> None:
+    """DN-DAB-DETR's option: detection queries carry a learned "unknown class" vector with indicator 0;
+    distillation points keep zero content and specific points share only the anchors."""
+    from kddetr.kd.points import SpecificPoints
+
+    detector = model(unknown_class_content=True).train()
+    queries = detector.learned_queries(2)
+    unknown = detector.unknown_content.weight[0]
+    assert queries.content.shape == (2, QUERIES, DIM)
+    torch.testing.assert_close(queries.content[1, 3], torch.cat((unknown, torch.zeros(1))))
+    assert SpecificPoints()(2, torch.device("cpu"), detector, None).content is None
+    images, targets = batch()
+    out = detector(images, targets, extra_queries=[Queries(torch.rand(2, 4, 4) * 0.5 + 0.25)])
+    criterion = build_criterion(config(), CLASSES)
+    sum(criterion(out, targets).values()).backward()
+    assert detector.unknown_content.weight.grad.abs().sum() > 0
+    assert model().unknown_content is None and model().learned_queries(1).content is None

@@ -73,6 +73,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     dab = cfg.options
     refuse({"dab_detr.pre_norm_layers": (dab.pre_norm_layers, dab.pre_norm_layers),
             "dab_detr.modulate_hw_attn": (dab.modulate_hw_attn, not dab.modulate_hw_attn),
+            "dab_detr.unknown_class_content": (dab.unknown_class_content, dab.unknown_class_content),
             "backbone.dilation": (cfg.backbone.dilation, cfg.backbone.dilation),
             "dab_detr.temperature": (dab.temperature, not float(dab.temperature).is_integer())}, "DabDetrConfig")
     return {

@@ -30,6 +30,9 @@ class DABOptions:
     random_refpoints_xy: bool = False
     modulate_hw_attn: bool = True
     temperature: float = 20.0  # image sine positional encoding temperature, H and W (DAB-DETR pe_temperatureH/W)
+    # DN-DAB-DETR's content of the detection queries: a learned "unknown class" embedding (indicator 0) beside
+    # the denoising label embeddings; off: zeros, the content every distillation point has (docs/method.md)
+    unknown_class_content: bool = False
 
 
 @dataclass
@@ -73,6 +76,7 @@ class DABDETR(nn.Module):
                                dim, options.modulate_hw_attn)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)  # unsigmoided anchors
         self.patterns = nn.Embedding(options.num_patterns, dim) if options.num_patterns > 0 else None
+        self.unknown_content = nn.Embedding(1, dim - 1) if options.unknown_class_content else None
         self.class_embed = nn.Linear(dim, num_classes)
         self.bbox_embed = MLP(dim, dim, 4, 3)
         self.denoising = DenoisingGenerator(cfg.denoising, num_classes, dim) if cfg.denoising.enabled else None
@@ -104,11 +108,16 @@ class DABDETR(nn.Module):
         return class_slots_by_prefix(self, ("class_embed.", "denoising.label_embed."))
 
     def learned_queries(self, batch_size: int, memory: Any = None) -> Queries:
-        """The detection queries: sigmoid of the anchor embedding, content None (zeros) unless patterns."""
+        """The detection queries: sigmoid of the anchor embedding, content None (zeros) unless patterns or the
+        unknown-class content."""
         anchors, content = self._refpoints().sigmoid(), None
         if self.patterns is not None:  # every pattern with every anchor, pattern-major
             anchors = anchors.repeat(self.patterns.num_embeddings, 1)
             content = self.patterns.weight.repeat_interleave(self.num_queries, dim=0)
+        elif self.unknown_content is not None:  # the same learned vector for every query, indicator 0
+            unknown = torch.cat((self.unknown_content.weight, self.unknown_content.weight.new_zeros(1, 1)), dim=1)
+            content = unknown.expand(len(anchors), -1)
+        if content is not None:
             content = content.unsqueeze(0).expand(batch_size, -1, -1)
         return Queries(anchors.unsqueeze(0).expand(batch_size, -1, -1), content)
 
