@@ -1,5 +1,6 @@
 """The command line as users type it: one flow through every command, and the bad-input contract."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,10 @@ def test_resume_before_the_first_checkpoint_starts_the_run_afresh(flow, tmp_path
     (killed / "metrics.jsonl").write_text("")
     args = ["train", TINY, "--data", str(data), "--epochs", "1", "--no-progress", "--resume"]
     assert main([*args, "--out", str(killed)]) == 0
-    assert f"--resume: no checkpoint in {killed} yet; starting the run from the beginning" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"--resume: no checkpoint in {killed} yet; starting the run from the beginning" in printed
+    assert re.search(r"^DAB-DETR with [\d.]+ M parameters \([\d.]+ M trained\), 10 classes, \d+ training images$",
+                     printed, flags=re.M), printed
     assert main([*args, "--out", str(tmp_path / "never_started")]) == 0
 
     def losses(path: Path) -> list:

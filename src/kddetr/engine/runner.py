@@ -18,7 +18,8 @@ from kddetr.engine.objective import build_objective
 from kddetr.engine.seeding import seed_everything
 from kddetr.engine.train import Trainer
 from kddetr.errors import UserError
-from kddetr.models.build import num_select
+from kddetr.models.build import count_parameters, num_select
+from kddetr.registry import spec
 
 
 def check_device(device: str) -> None:
@@ -49,6 +50,10 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.devic
     if cfg.train.deterministic and torch_device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     objective = build_objective(cfg, num_classes, train_set.category_ids, teacher, torch_device)
+    if dist.is_main_process():
+        print(f"{spec(cfg.model.arch).name} with {count_parameters(objective.student) / 1e6:.2f} M parameters "
+              f"({count_parameters(objective.student, trainable_only=True) / 1e6:.2f} M trained), "
+              f"{num_classes} classes, {len(train_set)} training images", flush=True)
     if init is not None:
         _init_student(objective.student, cfg, init, train_set.category_names, Path(out_dir), resume)
     trainer = Trainer(cfg, objective, train_set, val_set, Path(out_dir), torch_device, progress)
