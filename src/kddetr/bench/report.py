@@ -12,6 +12,7 @@ from kddetr.bench.records import MANIFEST, OUTPUT, Bench, Printed, RunRecord, lo
 from kddetr.errors import UserError
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm")
+EARLY_STEPS = 500  # a fine-tune's early mark: what `--init` reaches by then
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
@@ -25,12 +26,13 @@ def _mean(values: Sequence[float]) -> float:
 
 def results_table(bench: Bench) -> str:
     """The benchmark's markdown table (test AP, the last val AP beside it) and its gains, from the records only."""
-    split = "test" if bench.teacher.get("test") else "val"
+    split = bench.split
     header = f"| model | seed | {split} AP | " + " | ".join(KEYS[1:]) + " | val AP | steps | s/step |"
     lines = [header, "|---|---|" + "---:|" * (len(KEYS) + 3)]
     teacher = bench.teacher.get(split) or {}
-    lines.append("| teacher | – | " + " | ".join(_fmt(teacher.get(k)) for k in KEYS)
-                 + f" | {_fmt((bench.teacher.get('val') or {}).get('AP'))} | – | – |")
+    if teacher:
+        lines.append("| teacher | – | " + " | ".join(_fmt(teacher.get(k)) for k in KEYS)
+                     + f" | {_fmt((bench.teacher.get('val') or {}).get('AP'))} | – | – |")
     for variant in dict.fromkeys(r.variant for r in bench.runs):
         runs = [r for r in bench.runs if r.variant == variant]
         for run in runs:
@@ -43,7 +45,8 @@ def results_table(bench: Bench) -> str:
             lines.append(f"| **{variant}** | mean of {seeds} | " + " | ".join(f"**{_fmt(means[k])}**" if k == "AP"
                          else _fmt(means[k]) for k in KEYS) + f" | {_fmt(val)} | {done[0].steps} | – |")
     timing = [] if bench.minutes is None else [f"- wall time of the whole command: {bench.minutes:.1f} min"]
-    return "\n".join(lines + ["", *gains(bench, split), *timing])
+    summary = finetune_gains(bench, split) if bench.kind == "finetune" else gains(bench, split)
+    return "\n".join(lines + ["", *summary, *timing])
 
 
 def _split_metrics(run: RunRecord, split: str) -> dict:
@@ -90,6 +93,29 @@ def gains(bench: Bench, split: str) -> list[str]:
     return lines
 
 
+def finetune_gains(bench: Bench, split: str) -> list[str]:
+    """`--init CKPT` against the backbone-only start: the AP difference per seed, and what the start from the
+    checkpoint reached on val within `EARLY_STEPS` against the best the other start reached in all its steps."""
+    init, scratch = (_seed_aps(bench, variant, split) for variant in dict.fromkeys(r.variant for r in bench.runs))
+    if init is None or scratch is None:
+        return ["Not finished yet."]
+    names = list(dict.fromkeys(r.variant for r in bench.runs))
+    common = [s for s in init if s in scratch]
+    per_seed = ", ".join(f"{init[s] - scratch[s]:+.1f}" for s in common)
+    lines = [f"- {names[0]} − {names[1]}: **{_mean([init[s] - scratch[s] for s in common]):+.1f} AP** on {split}"
+             + (f" (per seed: {per_seed})" if len(common) > 1 else "")]
+    for seed in common:
+        first = next(r for r in bench.runs if r.variant == names[0] and r.seed == seed)
+        other = next(r for r in bench.runs if r.variant == names[1] and r.seed == seed)
+        early = [r for r in first.epochs if "AP" in r and r["step"] <= EARLY_STEPS]
+        best = max((r for r in other.epochs if "AP" in r), key=lambda r: r["AP"], default=None)
+        if early and best is not None:
+            lines.append(f"- val AP within {EARLY_STEPS} steps: {names[0]} {max(r['AP'] for r in early):.1f}; the best "
+                         f"of {names[1]} in its {other.steps} steps: {best['AP']:.1f} (step {best['step']})"
+                         + ("" if seed is None else f" (seed {seed})"))
+    return lines
+
+
 def curves(bench: Bench, out: Path) -> Path:
     """Val AP against optimiser steps and against training minutes, one line per run."""
     import matplotlib
@@ -112,7 +138,8 @@ def curves(bench: Bench, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("COCO AP (%) on val")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{bench.name}: {bench.arch}, {bench.schedule} schedule", fontsize=10)
+    fig.suptitle(f"{bench.name}: {bench.arch}" + (f", {bench.schedule} schedule" if bench.kind == "kd" else ""),
+                 fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -83,26 +83,50 @@ def _read_tiles(wheel: Path, tile_size: int) -> list[tuple[str, Image.Image, np.
     return tiles
 
 
+SPLITS = ("train", "val", "test")
+
+
+def assign_splits(num_tiles: int, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """Each tile's split: a seeded permutation's first `test_fraction` of the tiles to test, the next
+    `val_fraction` to val (at least one each when its fraction is > 0), the rest to train."""
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise UserError(f"deepforest: need 0 <= val_fraction, 0 <= test_fraction, val_fraction + test_fraction < 1 "
+                        f"(got {val_fraction}, {test_fraction})")
+    counts = [max(1, round(f * num_tiles)) if f > 0 else 0 for f in (test_fraction, val_fraction)]
+    if sum(counts) >= num_tiles:
+        raise UserError(f"deepforest: {num_tiles} tiles leave none for training (val_fraction {val_fraction}, "
+                        f"test_fraction {test_fraction})")
+    splits = ["train"] * num_tiles
+    order = np.random.default_rng(seed).permutation(num_tiles)
+    for index in order[: counts[0]]:
+        splits[index] = "test"
+    for index in order[counts[0] : sum(counts)]:
+        splits[index] = "val"
+    return splits
+
+
 def convert_wheel(
-    wheel: Path, out_dir: Path, tile_size: int = 400, val_fraction: float = 0.25, seed: int = 0
+    wheel: Path, out_dir: Path, tile_size: int = 400, val_fraction: float = 0.15, test_fraction: float = 0.2,
+    seed: int = 0,
 ) -> dict:
-    """Tile every annotated photo of `wheel` into `out_dir` (COCO layout, category "tree"); split by tile."""
-    if tile_size < 32 or not 0 <= val_fraction < 1:
-        raise UserError(f"deepforest: need tile_size >= 32, 0 <= val_fraction < 1 (got {tile_size}, {val_fraction})")
+    """Tile every annotated photo of `wheel` into `out_dir` (COCO layout, category "tree"), split by tile into
+    train, val and test (a split with no tiles is not written)."""
+    if tile_size < 32:
+        raise UserError(f"deepforest: need tile_size >= 32 (got {tile_size})")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not empty")
     tiles = _read_tiles(wheel, tile_size)
-    num_val = max(1, round(val_fraction * len(tiles))) if val_fraction > 0 else 0
-    is_val = np.zeros(len(tiles), bool)
-    is_val[np.random.default_rng(seed).permutation(len(tiles))[:num_val]] = True
+    splits = assign_splits(len(tiles), val_fraction, test_fraction, seed)
     summary = {}
-    for split in ("train", "val"):
+    for split in SPLITS:
+        if split not in splits:
+            continue
         image_dir = out_dir / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        for (file_name, tile, boxes), in_val in zip(tiles, is_val):
-            if in_val != (split == "val"):
+        for (file_name, tile, boxes), tile_split in zip(tiles, splits):
+            if tile_split != split:
                 continue
             tile.save(image_dir / file_name)
             images.append({"id": len(images) + 1, "file_name": file_name, "width": tile.width, "height": tile.height})
@@ -116,7 +140,8 @@ def convert_wheel(
 
 
 def convert(
-    out_dir: Path, cache_dir: Path | None = None, tile_size: int = 400, val_fraction: float = 0.25, seed: int = 0
+    out_dir: Path, cache_dir: Path | None = None, tile_size: int = 400, val_fraction: float = 0.15,
+    test_fraction: float = 0.2, seed: int = 0,
 ) -> dict:
     """Download (or reuse) the deepforest wheel and write its tree crowns to `out_dir` as COCO tiles."""
-    return convert_wheel(fetch_wheel(cache_dir), out_dir, tile_size, val_fraction, seed)
+    return convert_wheel(fetch_wheel(cache_dir), out_dir, tile_size, val_fraction, test_fraction, seed)
