@@ -152,3 +152,45 @@ def test_kd_bench_starts_for_dino(tmp_path, monkeypatch):
     assert main(argv) == 0
     table_md = (tmp_path / "bench" / "table.md").read_text()
     assert "| KD-DETR general+specific |" in table_md and (tmp_path / "bench" / "teacher" / "last").is_dir()
+
+
+def test_finetune_bench_trains_from_the_checkpoint_and_from_the_backbone_and_reports_both(tmp_path, fake_runs,
+                                                                                         monkeypatch):
+    """Both rows train the same config and seed; only the first gets `--init` and its flags. A second invocation
+    with the same records trains nothing; the report states the test AP difference and the early-steps claim."""
+    from kddetr.bench import finetune, records, report
+
+    monkeypatch.chdir(REPO)
+    data, records_dir, init = tmp_path / "data", tmp_path / "records", tmp_path / "ckpt"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_test.json").write_text("{}")
+    init.mkdir()
+    (init / "config.yaml").write_text("model: {}\n")
+    argv = ["configs/deepforest_teacher.yaml", "--init", str(init), "--init-partial", "--class-map", "tree=7",
+            "--data", str(data), "--records", str(records_dir), "--jobs", "1", "--threads", "1",
+            "--set", "train.max_steps=5"]
+    assert finetune.main([*argv, "--out", str(tmp_path / "first")]) == 0
+    trained = [a for a in fake_runs if a[3] == "train"]
+    assert len(trained) == 2 and all("train.seed=0" in a and "train.max_steps=5" in a for a in trained)
+    first, second = trained
+    assert first[first.index("--init"):first.index("--init") + 5] == ["--init", str(init), "--class-map", "tree=7",
+                                                                     "--init-partial"]
+    assert "--init" not in second and "--class-map" not in second
+
+    fake_runs.clear()
+    assert finetune.main([*argv, "--out", str(tmp_path / "fresh_clone")]) == 0
+    assert [a for a in fake_runs if a[3] == "train"] == []
+
+    bench = records.load_bench(records_dir)
+    assert bench.kind == "finetune" and bench.split == "test" and bench.command.startswith("kddetr bench finetune")
+    table = report.results_table(bench)
+    assert "| teacher |" not in table
+    assert f"- --init {init} − backbone only: **+0.0 AP** on test" in table
+    assert "- val AP within 500 steps: --init" in table
+
+
+def test_finetune_bench_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    from kddetr.bench import finetune
+
+    with pytest.raises(UserError, match="not a kddetr checkpoint"):
+        finetune.main(["configs/deepforest_teacher.yaml", "--init", str(tmp_path), "--data", str(tmp_path)])

@@ -320,10 +320,14 @@ def inference_table(bench: Bench) -> str:
 
 def loader_table(bench: Bench, data: Path, workers: Sequence[int]) -> str:
     """A KD step fed by the real training DataLoader (train transforms, pinned memory on CUDA, persistent workers)
-    against the same step on batches already in memory; wall-clock, since the workers are other processes."""
+    against the same step on batches already in memory; wall-clock, since the workers are other processes.
+
+    Every training image is resized to one size here (the eval size, no random crop): with the configs' several
+    sizes, the in-memory batches and the fed ones would differ in size, and so would their steps' cost."""
     from kddetr.data.loader import make_loader
 
-    dataset = build_dataset(data, bench.cfg.data.train_split, bench.cfg.data, train=True)
+    one_size = dataclasses.replace(bench.cfg.data, train_sizes=[bench.cfg.data.eval_size], random_crop=False)
+    dataset = build_dataset(data, bench.cfg.data.train_split, one_size, train=True)
     batch = bench.images.batch_size
     student = bench.student()
     distiller = bench.distiller(student)
@@ -353,7 +357,8 @@ def loader_table(bench: Bench, data: Path, workers: Sequence[int]) -> str:
     base = t["batches in memory"]
     rows = [(name, t[name], t[name] / base) for name in fns]
     size = tuple(memory[0][0].tensors.shape[-2:])
-    return markdown(f"input pipeline: KD step, batch {batch} from {data} (first batch {size} px; wall-clock)",
+    return markdown(f"input pipeline: KD step, batch {batch} from {data} (train images at the eval size, "
+                    f"first batch {size} px; wall-clock)",
                     ["fed by", "s/step", "ratio to in-memory"], rows)
 
 

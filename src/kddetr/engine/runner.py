@@ -53,7 +53,7 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.devic
     if dist.is_main_process():
         print(f"{spec(cfg.model.arch).name} with {count_parameters(objective.student) / 1e6:.2f} M parameters "
               f"({count_parameters(objective.student, trainable_only=True) / 1e6:.2f} M trained), "
-              f"{num_classes} classes, {len(train_set)} training images", flush=True)
+              f"{num_classes} class{'' if num_classes == 1 else 'es'}, {len(train_set)} training images", flush=True)
     if init is not None:
         _init_student(objective.student, cfg, init, train_set.category_names, Path(out_dir), resume)
     trainer = Trainer(cfg, objective, train_set, val_set, Path(out_dir), torch_device, progress)
