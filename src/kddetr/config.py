@@ -161,6 +161,7 @@ class KDConfig:
     cls_weight: float = 1.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
+    general_weight: float = 1.0  # the general group's KD losses x this (the specific group's x 1)
     seed: int = 1234
     # class KD with an explicit background: a zero logit is appended to both models' per-class logits before the
     # softmax KL (for students whose logits are log-odds against background, e.g. Faster R-CNN; see faster_rcnn.py)

@@ -77,3 +77,20 @@ def test_distillation_moves_student_towards_teacher_on_fresh_points():
     distiller = Distiller(student, teacher, lambda out, tgt: {}, kd_cfg).train()  # KD terms only
     images, targets = _batch(seed=3)
     assert kd_on_fresh_points_ratio(distiller, images, targets, steps=40) < 0.6
+
+
+def test_general_weight_scales_the_general_group_only():
+    """The same step (same points: the samplers' generators start from kd.seed) with kd.general_weight 0.25:
+    every general-group term is a quarter, the specific group and the detection loss are unchanged."""
+    teacher, student, cfg = _models()
+    images, targets = _batch()
+    losses = {}
+    for weight in (1.0, 0.25):
+        distiller = Distiller(student, teacher, build_criterion(cfg, NUM_CLASSES),
+                              KDConfig(general_points=20, general_weight=weight)).eval()
+        with torch.no_grad():
+            losses[weight] = distiller(images, targets)[1]
+    for key, value in losses[1.0].items():
+        scale = 0.25 if key.startswith("general/") else 1.0
+        assert torch.allclose(losses[0.25][key], scale * value, rtol=1e-5, atol=1e-7), key
+    assert any(k.startswith("general/") for k in losses[1.0]) and any(k.startswith("specific/") for k in losses[1.0])

@@ -24,13 +24,15 @@ class KDTerms:
     samplers: list[PointSampler] = field(default_factory=list)  # KD-DETR's point groups, distilled by `point_loss`
     point_loss: Optional[DistillationLoss] = None
     hungarian: Optional[HungarianKD] = None  # the inconsistent-points baseline, on the detection queries
+    group_weights: dict[str, float] = field(default_factory=dict)  # a point group's KD losses x this (default 1)
 
     @classmethod
     def from_config(cls, cfg: KDConfig, matcher: Optional[Matcher] = None) -> "KDTerms":
         """`kd_detr`: the point groups of `cfg`; `hungarian`: predictions paired by `matcher` (a set-prediction
         student's); `none`: nothing to distil."""
         if cfg.method == "kd_detr":
-            return cls(samplers=build_samplers(cfg), point_loss=DistillationLoss(cfg))
+            return cls(samplers=build_samplers(cfg), point_loss=DistillationLoss(cfg),
+                       group_weights={"general": cfg.general_weight})
         if cfg.method == "hungarian":
             if matcher is None:
                 raise UserError("kd.method: hungarian pairs set predictions through their matches to the ground "
@@ -76,8 +78,9 @@ class Distiller(nn.Module):
         outputs = self.student(images, targets, extra_queries=groups or None)
         losses = dict(self.criterion(outputs, targets))
         for sampler, group, student_out, teacher_out in zip(self.samplers, groups, outputs.extra, teacher_groups):
+            weight = self.terms.group_weights.get(sampler.name, 1.0)
             for key, value in self.terms.point_loss(student_out, teacher_out, anchors=group.anchors).items():
-                losses[f"{sampler.name}/{key}"] = value
+                losses[f"{sampler.name}/{key}"] = weight * value
         if self.terms.hungarian is not None:
             for key, value in self.terms.hungarian(outputs, teacher_detections, targets).items():
                 losses[f"hungarian/{key}"] = value
