@@ -152,6 +152,7 @@ class KDConfig:
     general_points: int = 300
     general_distribution: Literal["uniform", "logit_normal"] = "logit_normal"
     specific_points: bool = True
+    specific_source: Literal["anchors", "final_boxes"] = "anchors"  # the teacher's anchors, or its boxes from them
     student_proposals: bool = False  # also distil at the student's own queries of the step (Faster R-CNN: its proposals)
     cls_loss: Literal["kl", "bce"] = "kl"  # kl (softmax KL, released code) | bce (per-class sigmoid)
     temperature: float = 10.0

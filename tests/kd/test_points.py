@@ -2,7 +2,7 @@ import torch
 
 from kddetr.config import KDConfig
 from kddetr.kd.points import GeneralPoints, SpecificPoints, build_samplers, load_sampler_states, sampler_states
-from kddetr.models.protocol import Queries
+from kddetr.models.protocol import ImageBatch, Queries
 
 
 def test_general_points_shape_range_and_shared_across_batch():
@@ -54,3 +54,28 @@ def test_build_samplers_follows_config():
     assert [s.name for s in build_samplers(KDConfig())] == ["general", "specific"]
     assert [s.name for s in build_samplers(KDConfig(general_points=0))] == ["specific"]
     assert [s.name for s in build_samplers(KDConfig(specific_points=False))] == ["general"]
+
+
+def test_specific_points_from_final_boxes_are_the_teachers_last_layer_boxes_per_image():
+    """With a real DAB-DETR teacher: the anchors are the same for every image, its final boxes are not; the
+    final-box points are exactly its last layer's boxes (clamped inside the image), without gradient."""
+    from pathlib import Path
+
+    from kddetr.config import load_config
+    from kddetr.models.build import build_detector
+
+    torch.manual_seed(0)
+    teacher = build_detector(load_config(Path(__file__).parents[1] / "fixtures" / "tiny.yaml").model, 5).eval()
+    with torch.no_grad():  # as after training: DAB-DETR's box heads start at zero (final boxes = anchors)
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    images = ImageBatch(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool))
+    with torch.no_grad():
+        memory = teacher.encode(images)
+        boxes = teacher.decode(memory, None).boxes[-1]
+        anchors = SpecificPoints("anchors")(2, torch.device("cpu"), teacher, memory).anchors
+        final = SpecificPoints("final_boxes")(2, torch.device("cpu"), teacher, memory).anchors
+    assert torch.equal(anchors[0], anchors[1]) and not torch.equal(final[0], final[1])
+    assert torch.equal(final, boxes.clamp(1e-4, 1 - 1e-4)) and not final.requires_grad
+    assert [s.source for s in build_samplers(KDConfig(specific_source="final_boxes")) if s.name == "specific"] == [
+        "final_boxes"]

@@ -68,18 +68,29 @@ class _Stateless:
 
 
 class SpecificPoints(_Stateless):
-    """The teacher's learned detection queries: their anchors (per image for query-selecting detectors).
+    """The teacher's own detection queries: their anchors (per image for query-selecting detectors), or with
+    `source="final_boxes"` the boxes its last decoder layer predicts from them for each image.
 
     The content part is left empty (zeros), as in the released code: teacher and student widths may differ.
+    The final boxes suit students that read a point locally (an RoI head, deformable sampling): a DAB-DETR
+    teacher's anchors are the same for every image and its answer at one may lie far from it.
     """
 
     name = "specific"
     needs_student = False
 
+    def __init__(self, source: str = "anchors") -> None:
+        if source not in ("anchors", "final_boxes"):
+            raise ValueError(f"unknown specific-point source {source!r}")
+        self.source = source
+
     def __call__(self, batch_size: int, device: torch.device, teacher: Any, teacher_memory: Any = None,
                  student: Any = None, student_memory: Any = None) -> Queries:
-        queries = teacher.learned_queries(batch_size, memory=teacher_memory)
-        return Queries(anchors=queries.anchors.detach().to(device))
+        if self.source == "anchors":
+            anchors = teacher.learned_queries(batch_size, memory=teacher_memory).anchors
+        else:  # a predicted box may touch the image border; anchors stay strictly inside (0, 1)
+            anchors = teacher.decode(teacher_memory, None).boxes[-1].float().clamp(1e-4, 1 - 1e-4)
+        return Queries(anchors=anchors.detach().to(device))
 
 
 class StudentProposals(_Stateless):
@@ -107,7 +118,7 @@ def build_samplers(cfg: KDConfig) -> list[PointSampler]:
     if cfg.general_points > 0:  # each rank draws its own points, as in the released code
         samplers.append(GeneralPoints(cfg.general_points, cfg.general_distribution, cfg.seed + rank))
     if cfg.specific_points:
-        samplers.append(SpecificPoints())
+        samplers.append(SpecificPoints(cfg.specific_source))
     if cfg.student_proposals:
         samplers.append(StudentProposals())
     return samplers
