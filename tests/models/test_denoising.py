@@ -253,7 +253,16 @@ def test_corner_noise_stays_inside_the_image_keeps_box_order_and_uses_its_bounds
     edge = noise_corners(torch.tensor([[0.02, 0.97, 0.04, 0.05]]).repeat(2000, 1), 1.0, negative=True)
     xyxy = box_convert(edge, "cxcywh", "xyxy")
     assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (edge[:, 2:] >= MIN_SIZE).all()
-    assert (xyxy[:, 2:] >= xyxy[:, :2]).all()  # crossed corners give the box between them
+    assert (xyxy[:, 2:] >= xyxy[:, :2]).all()
+    boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]]).repeat(64, 1)
+    crossed = noise_corners(boxes, 1.0, negative=True, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws by hand
+    magnitude, sign = torch.rand((64, 4), generator=g) + 1, torch.randint(0, 2, (64, 4), generator=g) * 2 - 1
+    moved = torch.tensor([[0.45, 0.45, 0.55, 0.55]]) + sign * magnitude * 0.05
+    size = moved[:, 2:] - moved[:, :2]
+    assert (size < 0).any() and (size > 0).any()
+    expected = torch.cat(((moved[:, :2] + moved[:, 2:]) / 2, size.clamp(min=MIN_SIZE)), -1)
+    torch.testing.assert_close(crossed, expected)  # a crossed axis collapses to MIN_SIZE at the corners' midpoint
     torch.testing.assert_close(noise_corners(boxes[:3], 0.0), boxes[:3], atol=1e-6, rtol=0)
 
 
@@ -293,3 +302,16 @@ def test_unknown_class_content_is_learned_by_the_detection_queries_only() -> Non
     sum(criterion(out, targets).values()).backward()
     assert detector.unknown_content.weight.grad.abs().sum() > 0
     assert model().unknown_content is None and model().learned_queries(1).content is None
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_padding_queries_are_the_middle_box_with_zero_content(contrastive: bool) -> None:
+    """Images with fewer targets than the batch's most get padding queries: zero content at (0.5, 0.5, 0.5, 0.5),
+    not noised (the references' zero logits); the real queries keep their label embedding and indicator."""
+    cfg = DenoisingConfig(enabled=True, num_groups=GROUPS, label_noise=0.0, box_noise=0.4, contrastive=contrastive)
+    _, targets = batch()
+    groups = DenoisingGenerator(cfg, CLASSES, DIM)(targets, torch.Generator().manual_seed(0))
+    padding = ~groups.valid
+    assert padding.any() and groups.valid.any()
+    assert (groups.queries.anchors[padding] == 0.5).all() and (groups.queries.content[padding] == 0).all()
+    assert (groups.queries.content[groups.valid][:, -1] == 1).all()

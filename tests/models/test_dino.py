@@ -191,3 +191,19 @@ def test_images_without_objects() -> None:
     assert out.denoising.logits.shape[2] == 0 and out.denoising_meta["single_pad"] == 0
     assert "enc_loss_ce" in losses and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
+
+
+def test_initialisation_positions_and_learning_rates_follow_the_reference() -> None:
+    """Content queries Xavier-initialised, the image grid encoded as DINO's (temperature 20, no half-cell
+    offset: DAB-DETR's encoding) and sampling offsets at the full learning rate by default."""
+    from kddetr.models.position import PositionEmbeddingSine
+
+    model = tiny_model()
+    bound = (6 / sum(model.tgt_embed.weight.shape)) ** 0.5
+    assert model.tgt_embed.weight.abs().max() <= bound and model.tgt_embed.weight.std() > bound / 3
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)
+    mask[1, :, 4:] = True
+    expected = PositionEmbeddingSine(16, 20.0, 20.0)(mask).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model._image_position(mask), expected)
+    assert tiny_config().options.lr_linear_proj_mult == 1.0
+    assert set(model.lr_multipliers().values()) <= {1.0}

@@ -208,6 +208,10 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(cfg.num_queries, 2 * dim)
             self.reference_points = nn.Linear(dim, 2)
 
+    def _image_position(self, mask: Tensor) -> Tensor:
+        """`[B, h * w, D]` positions of a level's cells from its padding mask `[B, h, w]`."""
+        return image_position(mask, self.hidden_dim // 2)
+
     def _xavier_modules(self) -> list[nn.Module]:
         """The modules initialised with Xavier, as the reference does."""
         return [self.encoder, self.decoder] + ([self.enc_output, self.pos_trans] if self.two_stage
@@ -251,7 +255,7 @@ class DeformableDETR(nn.Module):
             masks.append(F.interpolate(images.mask[None].float(), size=x.shape[-2:])[0].bool())
         shapes = [(s.shape[2], s.shape[3]) for s in sources]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)
-        pos = torch.cat([image_position(m, self.hidden_dim // 2) + e for m, e in zip(masks, self.level_embed)], 1)
+        pos = torch.cat([self._image_position(m) + e for m, e in zip(masks, self.level_embed)], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         reference = encoder_reference_points(shapes, valid_ratios)

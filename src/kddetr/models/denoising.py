@@ -14,9 +14,10 @@ from kddetr.errors import UserError
 from kddetr.models.protocol import DecoderOutput, Queries
 from kddetr.models.query_groups import GroupInputs, decode_groups, split_groups
 
-# Smallest noised width/height. The decoder divides by them; DN-DAB-DETR's logit round trip
-# (inverse_sigmoid, eps 1e-5) bounds them the same way.
-MIN_SIZE = 1e-5
+MIN_SIZE = 1e-5  # smallest noised width/height: the decoder divides by them
+# a padding query (images with fewer targets than the batch's most): zero content at the image's middle box, as
+# DN-DETR's and DINO's zero logits; DN-DETR never scores it, DINO scores it as "no object"
+PADDING_BOX = 0.5
 
 
 @dataclass
@@ -65,17 +66,16 @@ def noise_boxes(boxes: Tensor, scale: float, generator: Optional[torch.Generator
 def noise_corners(boxes: Tensor, scale: float, generator: Optional[torch.Generator] = None,
                   negative: bool | Tensor = False) -> Tensor:
     """DINO's box noise: each corner of the cxcywh `boxes` moved by up to `scale` * (w/2, h/2), negatives (where
-    `negative` holds) by between 1x and 2x that; corners clamped to the image and kept in order (a box whose
-    corners crossed is the box between them), sizes at least MIN_SIZE."""
+    `negative` holds) by between 1x and 2x that; corners clamped to the image. Where two corners crossed, the
+    box collapses to MIN_SIZE at their midpoint (the reference's negative size, clamped by its inverse sigmoid)."""
     corners = box_convert(boxes, "cxcywh", "xyxy")
     spread = boxes[..., 2:].repeat(*[1] * (boxes.dim() - 1), 2) / 2 * scale
     magnitude = torch.rand(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype)
     magnitude = magnitude + torch.as_tensor(negative, device=boxes.device).to(boxes.dtype)
     sign = torch.randint(0, 2, boxes.shape, generator=generator, device=boxes.device).to(boxes.dtype) * 2 - 1
     moved = (corners + sign * magnitude * spread).clamp(0, 1)
-    low, high = torch.minimum(moved[..., :2], moved[..., 2:]), torch.maximum(moved[..., :2], moved[..., 2:])
-    noised = box_convert(torch.cat((low, high), dim=-1), "xyxy", "cxcywh")
-    return torch.cat((noised[..., :2], noised[..., 2:].clamp(min=MIN_SIZE)), dim=-1)
+    centre, size = (moved[..., :2] + moved[..., 2:]) / 2, moved[..., 2:] - moved[..., :2]
+    return torch.cat((centre, size.clamp(min=MIN_SIZE)), dim=-1)
 
 
 def denoising_attn_mask(valid: Tensor, num_groups: int, sizes: Sequence[int]) -> Tensor:
@@ -126,21 +126,24 @@ class DenoisingGenerator(nn.Module):
         pad, contrastive = max(sizes, default=0), self.cfg.contrastive
         groups = max(1, self.cfg.query_budget // pad) if self.cfg.query_budget > 0 and pad else self.cfg.num_groups
         labels = pad_sequence([t["labels"] for t in targets], batch_first=True).to(device)
-        # padding: a box in the image's middle (DN-DETR: never scored); DINO scores it as "no object", so a
-        # vanishing box at the corner, as the reference's zero boxes
-        padding = 0.0 if contrastive else 0.5
-        boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=padding).to(device)
+        boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=PADDING_BOX).to(device)
         copies = 2 if contrastive else 1  # positives, then negatives, in every group
         ratio = self.cfg.label_noise / 2 if contrastive else self.cfg.label_noise  # DINO flips half as many
         labels = noise_labels(labels.repeat(1, groups * copies), ratio, self.num_classes, generator)
         negative = torch.arange(groups * copies * pad, device=device) // pad % copies == 1
         noise = noise_corners if contrastive else noise_boxes
         boxes = noise(boxes.repeat(1, groups * copies, 1), self.cfg.box_noise, generator, negative[:, None])
+        valid = (torch.arange(pad, device=device) < torch.tensor(sizes, device=device)[:, None]).repeat(
+            1, groups * copies)
+        boxes = torch.where(valid[..., None], boxes, PADDING_BOX)  # padding is not noised
+        return DenoisingGroups(Queries(boxes, self.content(labels, valid)), valid, groups, copies * pad,
+                               self.cfg.contrastive)
+
+    def content(self, labels: Tensor, valid: Tensor) -> Tensor:
+        """The queries' content `[B, N, D]` from their noised labels `[B, N]`; zero for padding (`valid` False)."""
         embedding = self.label_embed(labels)
         content = torch.cat((embedding, embedding.new_ones(*labels.shape, 1)), dim=-1)
-        valid = torch.arange(pad, device=device) < torch.tensor(sizes, device=device)[:, None]
-        return DenoisingGroups(Queries(boxes, content), valid.repeat(1, groups * copies), groups, copies * pad,
-                               self.cfg.contrastive)
+        return content * valid[..., None]
 
 
 def decode_with_denoising(inputs: Sequence[GroupInputs], denoising: DenoisingGroups, memory: Any,

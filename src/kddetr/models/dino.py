@@ -12,6 +12,7 @@ from kddetr.config import ModelConfig
 from kddetr.models.deformable_detr import DeformableDETR, DeformableMemory, DeformableOptions, box_sine
 from kddetr.models.denoising import DenoisingGenerator, decode_with_denoising
 from kddetr.models.layers import MLP
+from kddetr.models.position import PositionEmbeddingSine
 from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
 
 
@@ -20,7 +21,9 @@ class DINOOptions:
     """`model.dino`: DINO's own options (it is always two-stage with box refinement)."""
 
     num_points: int = 4  # sampling points per attention head and feature level
-    lr_linear_proj_mult: float = 0.1  # learning-rate multiplier of sampling offsets and reference points
+    # learning-rate multiplier of sampling offsets and reference points: 1, as the reference's default parameter
+    # groups (Deformable DETR's 0.1 is not used there)
+    lr_linear_proj_mult: float = 1.0
     # as the reference by default: one class head and one box head shared by every decoder layer (the encoder's
     # proposal heads stay separate), and a LayerNorm on each layer's output before the heads
     shared_heads: bool = True
@@ -60,6 +63,7 @@ class DINO(DeformableDETR):
         self.look_forward_twice = True
         self.shared_heads = cfg.options.shared_heads
         self.decoder_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.options.decoder_norm else None
+        self.image_position = PositionEmbeddingSine(cfg.hidden_dim // 2, 20.0, 20.0)
         dn = cfg.denoising
         self.denoising = DenoisingGenerator(dn, num_classes, cfg.hidden_dim) if dn.enabled else None
 
@@ -77,7 +81,11 @@ class DINO(DeformableDETR):
         self.ref_point_head = MLP(2 * cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2)
 
     def _xavier_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.decoder, self.enc_output, self.ref_point_head]
+        return [self.encoder, self.decoder, self.enc_output, self.ref_point_head, self.tgt_embed]
+
+    def _image_position(self, mask: Tensor) -> Tensor:
+        """DINO's sine encoding of the image grid: DAB-DETR's (temperature 20, no half-cell offset)."""
+        return self.image_position(mask).flatten(2).transpose(1, 2)
 
     def _proposals(self, memory: DeformableMemory) -> tuple[DecoderOutput, Tensor]:
         """The top `num_queries` valid proposals by best class score: with gradients (for the encoder loss), and
