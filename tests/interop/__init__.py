@@ -7,6 +7,8 @@ from torch import nn
 
 from kddetr.config import BackboneConfig, ModelConfig
 from kddetr.engine.checkpoint import DatasetInfo
+from kddetr.interop.onnx import sample_inputs
+from kddetr.models.protocol import ImageBatch
 
 EXPORT_DATASET = DatasetInfo([3, 7, 11], ["three", "seven", "eleven"])  # what `export_to_hf` saves
 
@@ -65,3 +67,15 @@ def export_to_hf(cfg, hf_class, tmp_path) -> tuple[nn.Module, nn.Module, set[str
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert hf.config.id2label == {0: "three", 1: "seven", 2: "eleven"}
     return model, hf.eval(), names
+
+
+def max_error(ours: nn.Module, hf: nn.Module, box_spread: float, logit_spread: float) -> float:
+    """Largest difference of logits and boxes between our model and an HF one on two padded images; each model's
+    queries must differ by at least the given spreads (else a wrong query mapping could pass)."""
+    images, mask = sample_inputs(2, 64, 96)
+    with torch.no_grad():
+        out = ours(ImageBatch(images, mask))
+        ref = hf(pixel_values=images, pixel_mask=(~mask).long())
+    assert out.pred_logits.shape == ref.logits.shape
+    assert out.pred_boxes.std(dim=1).mean() > box_spread and out.pred_logits.std(dim=1).mean() > logit_spread
+    return max((out.pred_logits - ref.logits).abs().max().item(), (out.pred_boxes - ref.pred_boxes).abs().max().item())

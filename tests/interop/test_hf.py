@@ -123,11 +123,13 @@ def test_export_of_a_detector_without_an_hf_counterpart_is_one_clear_error() -> 
 
 def test_every_registered_converter_is_found_by_its_model_type() -> None:
     from kddetr.interop.hf import converters
-    from kddetr.registry import REGISTRY
+    from kddetr.registry import REGISTRY, load
 
     found = converters()
-    assert {c.architecture for c in found.values()} == {"DabDetrForObjectDetection", "DeformableDetrForObjectDetection"}
-    assert len(found) == sum(1 for entry in REGISTRY.values() if entry.hf)
+    assert {c.architecture for c in found.values()} == {"DabDetrForObjectDetection", "DeformableDetrForObjectDetection",
+                                                        "RTDetrForObjectDetection"}
+    assert len(found) == sum(1 + len(load(entry.hf).aliases) for entry in REGISTRY.values() if entry.hf)
+    assert found["rt_detr_v2"] is found["rt_detr"]  # one converter reads both versions
 
 
 def test_import_needs_a_local_model_dir(tmp_path: Path) -> None:

@@ -12,10 +12,8 @@ from kddetr.errors import UserError
 from kddetr.interop.cli import import_checkpoint
 from kddetr.interop.hf import hf_config
 from kddetr.interop.hf_deformable_detr import config_from_hf as deformable_config_from_hf
-from kddetr.interop.onnx import sample_inputs
-from kddetr.models.protocol import ImageBatch
 
-from . import EXPORT_DATASET, export_to_hf, randomise, tiny_config
+from . import EXPORT_DATASET, export_to_hf, randomise, max_error, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,16 +37,6 @@ def hf_detector(levels: int, box_refine: bool, two_stage: bool) -> transformers.
     return randomise(transformers.DeformableDetrForObjectDetection(cfg))
 
 
-def max_error(ours: torch.nn.Module, hf: torch.nn.Module) -> float:
-    images, mask = sample_inputs(2, 64, 96)
-    with torch.no_grad():
-        out = ours(ImageBatch(images, mask))
-        ref = hf(pixel_values=images, pixel_mask=(~mask).long())
-    assert out.pred_logits.shape == ref.logits.shape
-    assert out.pred_boxes.std(dim=1).mean() > 0.02 and out.pred_logits.std(dim=1).mean() > 0.1  # queries differ
-    return max((out.pred_logits - ref.logits).abs().max().item(), (out.pred_boxes - ref.pred_boxes).abs().max().item())
-
-
 @pytest.mark.parametrize("variant", ["plain", "box_refine", "two_stage"])
 def test_import_matches_transformers(tmp_path: Path, variant: str) -> None:
     hf = hf_detector(**VARIANTS[variant])
@@ -61,7 +49,7 @@ def test_import_matches_transformers(tmp_path: Path, variant: str) -> None:
     assert (model.hidden_dim, model.options.num_points, model.activation, model.num_heads) == (32, 2, "gelu", 4)
     assert model.num_queries == (7 if want["two_stage"] else 6) and model.backbone.num_stages == 4
     assert ckpt.dataset.category_names == NAMES
-    error = max_error(ckpt.model, hf)
+    error = max_error(ckpt.model, hf, 0.02, 0.1)
     print(f"\nHF Deformable DETR import ({variant}): max abs error {error:.2e}")
     assert error < 1e-4
 
@@ -74,7 +62,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path: Path, variant: s
         box_refine=want["box_refine"], two_stage=want["two_stage"]))
     model, hf, names = export_to_hf(cfg, transformers.DeformableDetrForObjectDetection, tmp_path)
     assert len(names) == len(hf.state_dict())  # every tied copy written: nothing is left to HF's tying
-    error = max_error(model, hf)
+    error = max_error(model, hf, 0.02, 0.1)
     print(f"\nHF Deformable DETR export ({variant}): max abs error {error:.2e}")
     assert error < 1e-4
 

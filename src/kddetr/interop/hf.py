@@ -149,7 +149,10 @@ def ours_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Our state dict -> HF names, with what HF holds besides: every tied copy (the converter's), and the ResNet
     stages we do not use (torchvision's initial weights; HF always builds four, they never reach the outputs).
     """
-    hf = converter_for(cfg.arch).state_to_hf(state, cfg)
+    converter = converter_for(cfg.arch)
+    hf = converter.state_to_hf(state, cfg)
+    if converter.writes_unused_stages:
+        return {k: v.detach().clone().contiguous() for k, v in hf.items()}
     unused = RESNETS[cfg.backbone.name]().state_dict()
     for key, value in unused.items():
         stage = re.match(r"layer(\d)\.", key)
@@ -255,12 +258,16 @@ class HFConverter:
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]  # the model's config.json fields (labels added here)
     state_to_ours: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]
     state_to_hf: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]  # tied copies included
+    # state_to_hf also writes the backbone stages we do not use (else `ours_to_hf` adds torchvision's initial
+    # weights under the DETR-family backbone prefix)
+    writes_unused_stages: bool = False
+    aliases: tuple[str, ...] = ()  # other config.json model_types it reads (e.g. a version 2 of the same class)
 
 
 def converters() -> dict[str, HFConverter]:
     """config.json model_type -> converter, for every registered detector that has an HF counterpart."""
     found = [load(entry.hf) for entry in REGISTRY.values() if entry.hf]
-    return {c.model_type: c for c in found}
+    return {model_type: c for c in found for model_type in (c.model_type, *c.aliases)}
 
 
 def converter_for(arch: str) -> HFConverter:

@@ -1,12 +1,13 @@
 """Set-prediction loss: focal class, L1 and GIoU terms on Hungarian-matched pairs, plus denoising and encoder terms."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from kddetr.config import LossConfig, ModelConfig
 from kddetr.models.matcher import HungarianMatcher, Indices
@@ -24,6 +25,17 @@ def denoising_indices(sizes: list[int], num_groups: int, single_pad: int,
         j = torch.arange(n, device=device)
         indices.append(((offsets + j).flatten(), j.repeat(num_groups)))
     return indices
+
+
+def varifocal_loss(logits: Tensor, target_score: Tensor, positive: Tensor, alpha: float = 0.75,
+                   gamma: float = 2.0) -> Tensor:
+    """Elementwise varifocal loss (VarifocalNet, arXiv 2008.13367; RT-DETR's class term): binary cross-entropy
+    towards `target_score` (a positive's IoU with its target at its class, else 0), weighted by the target score
+    where `positive` (1: a matched query's class) and by `alpha * p ** gamma` (p the detached predicted
+    probability) elsewhere."""
+    prob = logits.detach().sigmoid()
+    weight = alpha * prob.pow(gamma) * (1 - positive) + target_score
+    return F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
 
 
 def _num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
@@ -56,8 +68,14 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, loss_cfg: LossConfig,
-                 dn_loss_weight: float = 1.0) -> None:
+                 dn_loss_weight: float = 1.0, class_loss: Literal["focal", "varifocal"] = "focal",
+                 varifocal_alpha: float = 0.75, varifocal_gamma: float = 2.0) -> None:
+        """`class_loss`: the `loss_ce` term, sigmoid focal loss (`loss_cfg.focal_alpha`, `focal_gamma`) or varifocal
+        loss towards the matched boxes' IoU (RT-DETR, `varifocal_alpha`, `varifocal_gamma`)."""
         super().__init__()
+        if class_loss not in ("focal", "varifocal"):
+            raise ValueError(f"criterion: unknown class loss {class_loss!r} (focal or varifocal)")
+        self.class_loss, self.varifocal_alpha, self.varifocal_gamma = class_loss, varifocal_alpha, varifocal_gamma
         self.num_classes = num_classes
         self.matcher = matcher
         self.cfg = loss_cfg
@@ -66,17 +84,30 @@ class SetCriterion(nn.Module):
         self.dn_loss_weight = dn_loss_weight
 
     def loss_labels(self, logits: Tensor, targets: list[dict[str, Tensor]], indices: Indices,
-                    num_boxes: Tensor, scored: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-        """Sigmoid focal loss summed over queries and classes / num_boxes (DAB-DETR's `mean(1).sum() * Q`).
+                    num_boxes: Tensor, scored: Optional[tuple[Tensor, Tensor]] = None,
+                    boxes: Optional[Tensor] = None) -> Tensor:
+        """Sigmoid focal (or varifocal) loss summed over queries and classes / num_boxes (DAB-DETR's
+        `mean(1).sum() * Q`).
 
         `scored`: (batch_idx, query_idx) of the only queries to score (the others get no loss); matched queries
-        are positives, the rest of `scored` background.
+        are positives, the rest of `scored` background. `boxes [B, Q, 4]`: the predictions whose IoU with their
+        targets the varifocal loss aims at.
         """
         batch_idx, query_idx = _query_index(indices)
         onehot = torch.zeros_like(logits)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         onehot[batch_idx, query_idx, labels] = 1
-        focal = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        if self.class_loss == "varifocal":
+            if boxes is None:
+                raise ValueError("criterion: the varifocal loss needs the predicted boxes")
+            src = box_convert(boxes[batch_idx, query_idx].detach(), "cxcywh", "xyxy")
+            tgt = box_convert(torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src), "cxcywh",
+                              "xyxy")
+            target_score = torch.zeros_like(logits)
+            target_score[batch_idx, query_idx, labels] = box_iou(src, tgt).diagonal().to(logits.dtype)
+            focal = varifocal_loss(logits, target_score, onehot, self.varifocal_alpha, self.varifocal_gamma)
+        else:
+            focal = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma)
         if scored is not None:
             focal = focal[scored]
         return focal.sum() / num_boxes
@@ -95,7 +126,7 @@ class SetCriterion(nn.Module):
                num_boxes: Tensor, prefix: str, suffix: str, scale: float = 1.0,
                scored: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
         l1, giou = self.loss_boxes(boxes, targets, indices, num_boxes)
-        terms = {"loss_ce": self.loss_labels(logits, targets, indices, num_boxes, scored),
+        terms = {"loss_ce": self.loss_labels(logits, targets, indices, num_boxes, scored, boxes),
                  "loss_bbox": l1, "loss_giou": giou}
         return {f"{prefix}{name}{suffix}": self.weights[name] * scale * value for name, value in terms.items()}
 

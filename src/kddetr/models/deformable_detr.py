@@ -99,13 +99,16 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Self-attention among the queries, deformable cross-attention to the memory, feed-forward (post-norm)."""
+    """Self-attention among the queries, deformable cross-attention to the memory, feed-forward (post-norm).
+
+    `points`, `offset_scale` and `method`: the cross-attention's sampling (`MSDeformAttn`; RT-DETRv2 varies them).
+    """
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, activation: str, levels: int,
-                 points: int) -> None:
+                 points: int | Sequence[int], offset_scale: float = 0.5, method: str = "bilinear") -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = MSDeformAttn(dim, heads, levels, points)
+        self.cross_attn = MSDeformAttn(dim, heads, levels, points, offset_scale, method)
         self.ffn = FeedForward(dim, ffn_dim, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)

@@ -11,7 +11,7 @@ from torchvision.ops import box_convert
 
 from kddetr.config import DenoisingConfig
 from kddetr.errors import UserError
-from kddetr.models.protocol import DecoderOutput, Queries
+from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
 from kddetr.models.query_groups import GroupInputs, decode_groups, split_groups
 
 MIN_SIZE = 1e-5  # smallest noised width/height: the decoder divides by them
@@ -159,3 +159,24 @@ def decode_with_denoising(inputs: Sequence[GroupInputs], denoising: DenoisingGro
     outputs = split_groups(decode(*[torch.cat(parts, 1) for parts in zip(*inputs[:2])], memory, mask), sizes)
     rest = inputs[2:]
     return outputs + (decode_groups(rest, memory, decode, mode) if rest else [])
+
+
+class DenoisedForward:
+    """`forward` of a query-selecting detector with denoising groups in training (DINO, RT-DETR): it needs
+    `encode`, `decode_groups`, `_inputs` (a group's decoder inputs), `_decode`, `group_isolation`, `denoising`
+    (a `DenoisingGenerator` or None) and a memory with the encoder's `proposals`."""
+
+    def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
+                extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
+        memory = self.encode(images)
+        groups = [None, *(extra_queries or [])]
+        noised, meta = None, None
+        if not self.training or self.denoising is None or targets is None:
+            detections, *extra = self.decode_groups(memory, groups)
+        else:
+            dn = self.denoising(targets)
+            inputs = [self._inputs(memory, group) for group in [dn.queries, *groups]]
+            noised, detections, *extra = decode_with_denoising(inputs, dn, memory, self._decode, self.group_isolation)
+            meta = dn.meta
+        return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
+                              denoising_meta=meta, encoder_memory=memory.memory, encoder_proposals=memory.proposals)

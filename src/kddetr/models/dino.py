@@ -10,10 +10,10 @@ from torch import Tensor, nn
 
 from kddetr.config import ModelConfig
 from kddetr.models.deformable_detr import DeformableDETR, DeformableMemory, DeformableOptions, box_sine
-from kddetr.models.denoising import DenoisingGenerator, decode_with_denoising
+from kddetr.models.denoising import DenoisedForward, DenoisingGenerator
 from kddetr.models.layers import MLP
 from kddetr.models.position import PositionEmbeddingSine
-from kddetr.models.protocol import DecoderOutput, DetectorOutput, ImageBatch, Queries
+from kddetr.models.protocol import DecoderOutput, Queries
 
 
 @dataclass
@@ -33,7 +33,7 @@ class DINOOptions:
                                                         "two_stage": None, "box_refine": None}
 
 
-class DINO(DeformableDETR):
+class DINO(DenoisedForward, DeformableDETR):
     """Two-stage Deformable DETR with box refinement (encoder, decoder layers and heads are its own) plus:
 
     - mixed query selection: the top `num_queries` encoder proposals by their best class score give every
@@ -96,9 +96,6 @@ class DINO(DeformableDETR):
         coords = coords.gather(1, top[..., None].expand(-1, -1, 4))
         return DecoderOutput(logits[None], coords.sigmoid()[None]), coords.detach().sigmoid()
 
-    def _encoder_proposals(self, memory: DeformableMemory) -> Optional[DecoderOutput]:
-        return memory.proposals
-
     def _inputs(self, memory: DeformableMemory, queries: Optional[Queries]) -> tuple[Tensor, Tensor, Tensor]:
         """Content `[B, K, D]`, an empty positional part (made per layer from the boxes) and anchors `[B, K, 4]`."""
         batch = memory.memory.shape[0]
@@ -113,21 +110,6 @@ class DINO(DeformableDETR):
     def _query_pos(self, pos: Tensor, reference: Tensor) -> Tensor:
         return self.ref_point_head(box_sine(reference[:, :, 0], self.hidden_dim))
 
-    def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
-                extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
-        memory = self.encode(images)
-        groups = [None, *(extra_queries or [])]
-        noised, meta = None, None
-        if not self.training or self.denoising is None or targets is None:
-            detections, *extra = self.decode_groups(memory, groups)
-        else:
-            dn = self.denoising(targets)
-            inputs = [self._inputs(memory, group) for group in [dn.queries, *groups]]
-            noised, detections, *extra = decode_with_denoising(inputs, dn, memory, self._decode, self.group_isolation)
-            meta = dn.meta
-        return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
-                              denoising_meta=meta, encoder_memory=memory.memory,
-                              encoder_proposals=self._encoder_proposals(memory))
 
 
 def _as_deformable(cfg: ModelConfig) -> ModelConfig:

@@ -34,8 +34,8 @@ def conv_layout(images: Tensor, channels_last: bool) -> Tensor:
 
 
 def build_activation(name: str) -> nn.Module:
-    """`relu`, `prelu` (one learned slope, DAB-DETR's default) or `gelu`."""
-    activations = {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU}
+    """`relu`, `prelu` (one learned slope, DAB-DETR's default), `gelu` or `silu` (RT-DETR's convolutions)."""
+    activations = {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU, "silu": nn.SiLU}
     if name not in activations:
         raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(activations)}")
     return activations[name]()
