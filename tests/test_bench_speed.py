@@ -45,10 +45,10 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     assert len(re.findall(r"^\| part: (student step decoding the points too|teacher forward over the points) \|",
                           out, flags=re.M)) == 2
     assert re.search(r"^KD step \(batch\) / the sum of its parts .*: [\d.]+$", out, flags=re.M)
-    hf_rows = re.findall(r"^\| (DAB-DETR|Deformable DETR) \| (train step|train step, backbone frozen|inference) \|.*"
+    hf_rows = re.findall(r"^\| (DAB-DETR|Deformable DETR|RT-DETR) \| (train step|train step, backbone frozen|inference) \|.*"
                          r"\| ([\d.e-]+) \|$", out, flags=re.M)
     if "skipped" not in out:
-        assert len(hf_rows) == 6 and all(float(diff) < 1e-4 for *_, diff in hf_rows)  # same weights, same outputs
+        assert len(hf_rows) == 9 and all(float(diff) < 1e-4 for *_, diff in hf_rows)  # same weights, same outputs
     assert re.search(r"^\| distilled student \| [\d.]+ \| [\d.]+ \|$", out, flags=re.M)
     assert len(re.findall(r"^\| (train|KD|inference) \| [\d.]+ \|", out, flags=re.M)) == 3
     assert len(re.findall(r"^\| [048] \| [\d.e-]+ \|", out, flags=re.M)) == 3  # 0, 4 and 8 points

@@ -36,6 +36,7 @@ from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.protocol import ImageBatch, Queries
 from kddetr.models.query_groups import ISOLATION_MODES
+from kddetr.registry import REGISTRY, spec
 
 TABLES = ("kd", "hf", "inference", "memory", "scaling", "loader")
 Step = Callable[[], None]
@@ -227,14 +228,14 @@ def distiller_points(distiller: Distiller) -> str:
 
 
 def hf_table(bench: Bench) -> str:
-    """Our DAB-DETR and Deformable DETR against HF's classes with the same size and weights."""
+    """Every detector with an HF counterpart against HF's class with the same size and weights."""
     try:
         import transformers
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         return "### vs HF transformers\n\nskipped: transformers is not installed (`pip install kddetr[interop]`)"
     rows = []
-    for arch in ("dab_detr", "deformable_detr"):
+    for arch in [arch for arch, entry in REGISTRY.items() if entry.hf]:
         ours, hf, max_diff = hf_pair(bench, arch, transformers)
         images, pixel_mask = bench.images.tensors, (~bench.images.mask).long()
 
@@ -264,7 +265,7 @@ def hf_table(bench: Bench) -> str:
         frozen = bench.times({"ours": bench.train_step(ours, ours_loss), "hf": bench.train_step(hf, hf_loss)})
         ours.eval(), hf.eval()
         infer = bench.times({"ours": ours_infer, "hf": hf_infer})
-        name = {"dab_detr": "DAB-DETR", "deformable_detr": "Deformable DETR"}[arch]
+        name = spec(arch).name
         for what, t in (("train step", train), ("train step, backbone frozen", frozen), ("inference", infer)):
             rows.append((name, what, t["ours"], t["hf"], t["hf"] / t["ours"], max_diff))
     return markdown(f"vs HF transformers {transformers.__version__} (same size and weights; train step = forward + "
@@ -273,17 +274,16 @@ def hf_table(bench: Bench) -> str:
 
 
 def hf_pair(bench: Bench, arch: str, transformers: Any) -> tuple[nn.Module, nn.Module, float]:
-    """Our detector with the student's sizes and HF's built from the same config and weights (offline)."""
+    """Our detector (the benchmark's config for its own arch, else the arch's embedded student config) and HF's
+    built from the same config and weights (offline)."""
     from kddetr.interop.hf import converter_for, write_hf
 
-    model = bench.cfg.model  # HF: no denoising groups, batch norm always frozen
-    overrides: dict[str, Any] = {"arch": arch, "group_isolation": "separate",
-                                 "denoising": dataclasses.replace(model.denoising, enabled=False),
-                                 "backbone": dataclasses.replace(model.backbone, frozen_bn=True)}
-    if arch == "deformable_detr":
-        overrides |= {"activation": "relu" if bench.cfg.model.activation == "prelu" else bench.cfg.model.activation}
-    cfg = bench.cfg.model.replace(**overrides)
-    ours = bench.student(**overrides).eval()
+    base = bench.cfg.model if arch == bench.cfg.model.arch else load_config(spec(arch).student_config).model
+    # the benchmark's number of queries (its images may offer few proposals); HF: no denoising, batch norm frozen
+    cfg = base.replace(num_queries=bench.cfg.model.num_queries, group_isolation="separate",
+                       denoising=dataclasses.replace(base.denoising, enabled=False),
+                       backbone=dataclasses.replace(base.backbone, frozen_bn=True))
+    ours = build_detector(cfg, bench.num_classes).to(bench.device).eval()
     names = DatasetInfo(list(range(bench.num_classes)), [f"class_{i}" for i in range(bench.num_classes)])
     with tempfile.TemporaryDirectory() as tmp:
         write_hf(tmp, cfg, {k: v.cpu() for k, v in ours.state_dict().items()}, names)
