@@ -6,7 +6,9 @@ import pytest
 from safetensors import safe_open
 
 from kddetr.data.synth import generate
+from kddetr.engine.checkpoint import read_checkpoint_config
 from kddetr.engine.runner import evaluate_checkpoint
+from kddetr.registry import REGISTRY
 
 ROOT = Path(__file__).parent.parent
 TEACHER = ROOT / "assets" / "teacher"
@@ -21,12 +23,22 @@ def embedded(tmp_path_factory):
     return root
 
 
+SHIPPED = {arch: ROOT / entry.shipped_teacher for arch, entry in REGISTRY.items() if entry.shipped_teacher}
+
+
 @pytest.mark.parametrize("split", ["val", "test"])
-def test_committed_teacher_reproduces_recorded_ap(embedded, split):
-    recorded = json.loads((TEACHER / f"{split}_metrics.json").read_text())
-    metrics = evaluate_checkpoint(TEACHER, embedded, split, None, progress=False)
+@pytest.mark.parametrize("arch", list(SHIPPED))
+def test_committed_teacher_reproduces_recorded_ap(embedded, arch, split):
+    teacher = SHIPPED[arch]
+    recorded = json.loads((teacher / f"{split}_metrics.json").read_text())
+    assert read_checkpoint_config(teacher)[0].model.arch == arch
+    metrics = evaluate_checkpoint(teacher, embedded, split, None, progress=False)
     assert abs(metrics["AP"] - recorded["AP"]) <= 0.5
     assert abs(metrics["AP50"] - recorded["AP50"]) <= 0.5
+
+
+def test_every_benchmarked_pair_but_rt_detr_ships_its_teacher():
+    assert set(SHIPPED) == {"dab_detr", "deformable_detr", "dino"} and TEACHER == SHIPPED["dab_detr"]
 
 
 def test_committed_backbone_is_a_pretrained_resnet10():

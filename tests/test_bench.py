@@ -46,7 +46,7 @@ def test_each_arch_has_a_teacher_and_a_student_config_with_the_same_kd_block(arc
     teacher_cfg, student_cfg = load_config(REPO / teacher_path), load_config(REPO / student_path)
     assert teacher_cfg.model.arch == student_cfg.model.arch == arch
     assert student_cfg.kd == load_config(REPO / "configs/embedded_student.yaml").kd
-    assert (shipped is not None) == (arch == "dab_detr")
+    assert (shipped is not None) == (arch != "rt_detr")  # RT-DETR's teacher is trained first
     no_weights = BackboneConfig("resnet10", num_stages=3)
     teacher, student = (build_detector(dataclasses.replace(cfg.model, backbone=no_weights), 10)
                         for cfg in (teacher_cfg, student_cfg))
@@ -78,10 +78,12 @@ def test_the_teacher_is_trained_first_unless_given(tmp_path, fake_runs):
     assert ensure_teacher("dino", given, tmp_path / "data", tmp_path, [], 1) == given
     assert ensure_teacher("dab_detr", None, tmp_path / "data", tmp_path, [], 1) == Path("assets/teacher")
     assert fake_runs == []
-    checkpoint = ensure_teacher("deformable_detr", None, tmp_path / "data", tmp_path, ["train.max_steps=2"], 1)
+    assert ensure_teacher("dino", None, tmp_path / "data", tmp_path, [], 1) == Path("assets/teacher_dino")
+    assert fake_runs == []
+    checkpoint = ensure_teacher("rt_detr", None, tmp_path / "data", tmp_path, ["train.max_steps=2"], 1)
     assert checkpoint == tmp_path / "teacher" / "last"
     (args,) = fake_runs
-    assert args[3:5] == ["train", "configs/embedded_deformable_teacher.yaml"] and "train.max_steps=2" in args
+    assert args[3:5] == ["train", "configs/embedded_rt_detr_teacher.yaml"] and "train.max_steps=2" in args
 
 
 def test_a_finished_run_is_reused_only_for_the_same_teacher(tmp_path, fake_runs):
@@ -138,8 +140,9 @@ def test_a_run_killed_midway_is_resumed_not_reused(tmp_path):
 
 
 @pytest.mark.slow
-def test_kd_bench_starts_for_dino(tmp_path, monkeypatch):
-    """A dry run with tiny settings: the DINO teacher is trained, the demo variants run, the table is written."""
+def test_kd_bench_starts_for_rt_detr(tmp_path, monkeypatch):
+    """A dry run with tiny settings: the RT-DETR teacher is trained (none is shipped), the demo variants run, the
+    table is written."""
     monkeypatch.chdir(REPO)
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "kddetr", "data", "synth", "--out", str(data), "--train", "8", "--val", "4",
@@ -147,7 +150,7 @@ def test_kd_bench_starts_for_dino(tmp_path, monkeypatch):
                    check=True, stdout=subprocess.DEVNULL)
     tiny = ["train.max_steps=2", "train.epochs=1", "train.batch_size=4", "model.encoder_layers=1",
             "model.decoder_layers=1", "kd.general_points=5"]
-    argv = ["--arch", "dino", "--demo", "--data", str(data), "--out", str(tmp_path / "bench"), "--jobs", "1",
+    argv = ["--arch", "rt_detr", "--demo", "--data", str(data), "--out", str(tmp_path / "bench"), "--jobs", "1",
             "--threads", "1"] + [x for item in tiny for x in ("--set", item)]
     assert main(argv) == 0
     table_md = (tmp_path / "bench" / "table.md").read_text()
