@@ -135,3 +135,29 @@ def test_a_printing_benchmark_is_recorded_whole_and_put_back_in_its_block(tmp_pa
     assert readme.read_text() == ("<!-- results:speed_kd -->\n```bash\nkddetr bench speed --only kd\n```\n\n"
                                   "### KD overhead\n\n| a | b |\n<!-- /results -->\n")
     assert not (tmp_path / "docs").exists()  # nothing to draw for printed tables
+
+
+def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp_path):
+    """`<!-- results:base,probes/* -->`: one row per run of each, labelled by the `--set` its command adds to
+    what all share, the commands listed, one figure of every curve; nested records are found."""
+    rows = plan_rows(["KD-DETR general+specific"], [], [])
+    shared = ["--set", "train.epochs=7"]
+    for name, extra, ap in (("base", [], 23.0), ("probes/kd_uniform", ["--set", "kd.general_distribution=uniform"],
+                                                  21.0)):
+        dest = tmp_path / "records" / name
+        records.save_manifest(dest, "dab_detr", "short", rows, TEACHER, ["--demo", *shared, *extra])
+        records.save_run(fake_run(tmp_path / name.replace("/", "_"), rows[0].slug, [ap - 2, ap], ap + 1),
+                         dest / rows[0].slug)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:base,probes/kd_* -->\n<!-- /results -->\n")
+    argv = [str(tmp_path / "records"), "--readme", str(readme), "--figures", str(tmp_path / "docs")]
+    assert report.main(argv) == 0
+    text = readme.read_text()
+    assert "- `kd_uniform`: `kddetr bench kd --demo --set train.epochs=7 --set kd.general_distribution=uniform`" in text
+    assert "| `base` | (the others' settings without their overrides) | KD-DETR general+specific | config | 23.0 | 24.0 | 500 |" in text
+    assert "| `kd_uniform` | `kd.general_distribution=uniform` | KD-DETR general+specific | config | 21.0 | 22.0 |" in text
+    assert (tmp_path / "docs" / "results_base_probes_kd.png").stat().st_size > 10_000
+    assert report.main([*argv, "--check"]) == 0
+    readme.write_text("<!-- results:nothing_* -->\n<!-- /results -->\n")
+    with pytest.raises(UserError, match="'nothing_\\*' has no records"):
+        report.main([*argv, "--check"])

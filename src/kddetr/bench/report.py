@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fnmatch
 import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -13,7 +16,8 @@ from kddetr.errors import UserError
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm")
 EARLY_STEPS = 500  # a fine-tune's early mark: what `--init` reaches by then
-BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+# a block names one benchmark's records, or (a comparison) several: comma-separated names or globs of names
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.*/,-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -154,14 +158,56 @@ def block(bench: Bench | Printed) -> str:
 
 
 def find_benches(roots: Sequence[Path]) -> dict[str, Bench | Printed]:
+    """Every benchmark's records under `roots`, by their folder's path below its root (e.g. `probes/kd_uniform`)."""
     benches: dict[str, Bench | Printed] = {}
     for root in roots:
-        folders = sorted({p.parent for name in (MANIFEST, OUTPUT) for p in [*root.glob(name), *root.glob(f"*/{name}")]})
+        folders = sorted({p.parent for name in (MANIFEST, OUTPUT) for p in root.rglob(name)})
         if not folders:
             raise UserError(f"{root}: no benchmark records ({MANIFEST} or {OUTPUT}) in it or its folders")
         for folder in folders:
-            benches[folder.name] = load_bench(folder) if (folder / MANIFEST).is_file() else load_output(folder)
+            name = folder.name if folder == root else folder.relative_to(root).as_posix()
+            benches[name] = load_bench(folder) if (folder / MANIFEST).is_file() else load_output(folder)
     return benches
+
+
+def is_comparison(name: str) -> bool:
+    return "," in name or "*" in name
+
+
+def compared(name: str, benches: dict[str, Bench | Printed]) -> list[Bench]:
+    """The benchmarks a comparison block names, in its order (each glob's matches sorted)."""
+    chosen = [key for pattern in name.split(",") for key in sorted(fnmatch.filter(benches, pattern))]
+    found = [benches[key] for key in chosen if isinstance(benches[key], Bench)]
+    if not found:
+        raise UserError(f"README: results block {name!r} has no records")
+    return found
+
+
+def _setting(bench: Bench, shared: set[str]) -> str:
+    """What a compared benchmark's command sets that not all of them do: its `--set` overrides."""
+    args = shlex.split(bench.command)
+    own = [value for flag, value in zip(args, args[1:]) if flag == "--set" and value not in shared]
+    return ", ".join(f"`{value}`" for value in own) or "(the others' settings without their overrides)"
+
+
+def comparison(benches: list[Bench]) -> tuple[str, Bench]:
+    """A table with one row per run of every benchmark, labelled by what its command sets that not all do, and a
+    benchmark holding those runs (for one figure of their curves)."""
+    overrides = [{v for f, v in zip(a, a[1:]) if f == "--set"} for a in (shlex.split(b.command) for b in benches)]
+    shared = set.intersection(*overrides)
+    lines = ["| records | setting | row | seed | val AP | test AP | steps |", "|---|---|---|---|---:|---:|---:|"]
+    runs = []
+    for bench in benches:
+        setting = _setting(bench, shared)
+        for run in bench.runs:
+            seed = "config" if run.seed is None else str(run.seed)
+            test = _fmt((run.test or {}).get("AP")) if run.finished else "running" if run.epochs else "not run yet"
+            lines.append(f"| `{bench.name}` | {setting} | {run.variant} | {seed} | "
+                         f"{_fmt(run.final_val.get('AP'))} | {test} | {run.steps} |")
+            runs.append(dataclasses.replace(run, variant=f"{bench.name}: {run.variant}"))
+    commands = [f"- `{bench.name}`: `{bench.command}`" for bench in benches]
+    first = benches[0]
+    return "\n".join(["Commands:", "", *commands, "", *lines]) + "\n", dataclasses.replace(first, runs=runs)
 
 
 def update_readme(text: str, benches: dict[str, Bench | Printed]) -> tuple[str, list[str]]:
@@ -170,14 +216,22 @@ def update_readme(text: str, benches: dict[str, Bench | Printed]) -> tuple[str, 
 
     def replace(match: re.Match) -> str:
         name = match["name"]
-        if name not in benches:
+        if is_comparison(name):
+            body = comparison(compared(name, benches))[0]
+        elif name in benches:
+            body = block(benches[name])
+        else:
             raise UserError(f"README: results block {name!r} has no records")
-        body = block(benches[name])
         if body != match["body"]:
             changed.append(name)
         return match[1] + body + match[4]
 
     return BLOCK.sub(replace, text), changed
+
+
+def figure_name(name: str) -> str:
+    """`results_NAME.png` of a block, its name made a file name."""
+    return "results_" + re.sub(r"[^\w.-]+", "_", name).strip("_") + ".png"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -198,8 +252,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1 if changed else 0
     for name, bench in benches.items():
         print(f"## {name}\n\n{block(bench)}")
-        if isinstance(bench, Bench):
-            curves(bench, args.figures / f"results_{name}.png")
+        if isinstance(bench, Bench) and "/" not in name:
+            curves(bench, args.figures / figure_name(name))
+    for match in BLOCK.finditer(text):
+        if is_comparison(match["name"]):
+            curves(comparison(compared(match["name"], benches))[1], args.figures / figure_name(match["name"]))
     args.readme.write_text(text)
     print(f"{args.readme}: {len(changed)} results block(s) updated; curves in {args.figures}/results_*.png")
     return 0
