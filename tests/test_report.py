@@ -154,7 +154,7 @@ def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp
     assert report.main(argv) == 0
     text = readme.read_text()
     assert "- `kd_uniform`: `kddetr bench kd --demo --set train.epochs=7 --set kd.general_distribution=uniform`" in text
-    assert "| `base` | (the others' settings without their overrides) | KD-DETR general+specific | config | 23.0 | 24.0 | 500 |" in text
+    assert "| `base` | none beyond the shared ones | KD-DETR general+specific | config | 23.0 | 24.0 | 500 |" in text
     assert "| `kd_uniform` | `kd.general_distribution=uniform` | KD-DETR general+specific | config | 21.0 | 22.0 |" in text
     assert (tmp_path / "docs" / "results_base_probes_kd.png").stat().st_size > 10_000
     assert report.main([*argv, "--check"]) == 0

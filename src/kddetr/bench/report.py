@@ -187,7 +187,7 @@ def _setting(bench: Bench, shared: set[str]) -> str:
     """What a compared benchmark's command sets that not all of them do: its `--set` overrides."""
     args = shlex.split(bench.command)
     own = [value for flag, value in zip(args, args[1:]) if flag == "--set" and value not in shared]
-    return ", ".join(f"`{value}`" for value in own) or "(the others' settings without their overrides)"
+    return ", ".join(f"`{value}`" for value in own) or "none beyond the shared ones"
 
 
 def comparison(benches: list[Bench]) -> tuple[str, Bench]:
