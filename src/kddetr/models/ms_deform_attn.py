@@ -80,6 +80,10 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"unknown sampling method {method!r}; expected one of {', '.join(SAMPLING_METHODS)}")
         self.num_heads, self.num_levels, self.points = num_heads, num_levels, points
         self.offset_scale, self.method = offset_scale, method
+        # each sampling point's level and its level's point count, made once (not per forward; not saved)
+        level = torch.repeat_interleave(torch.arange(num_levels), torch.tensor(points))
+        self.register_buffer("point_level", level, persistent=False)
+        self.register_buffer("point_count", torch.tensor(points)[level, None], persistent=False)
         total = sum(points)
         self.sampling_offsets = nn.Linear(dim, num_heads * total * 2)
         self.attention_weights = nn.Linear(dim, num_heads * total)
@@ -114,15 +118,13 @@ class MSDeformAttn(nn.Module):
         value = value.unflatten(-1, (heads, -1))
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, -1, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, -1).softmax(-1)
-        level = torch.repeat_interleave(torch.arange(self.num_levels, device=query.device),
-                                        torch.tensor(self.points, device=query.device))
+        level = self.point_level
         ref = reference_points[:, :, None, level]  # [B, Q, 1, N, 2 | 4]: each point's level's reference
         if reference_points.shape[-1] == 2:
             cells = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
             locations = ref + offsets / cells[level]
         elif reference_points.shape[-1] == 4:
-            per_level = torch.tensor(self.points, dtype=query.dtype, device=query.device)[level, None]
-            locations = ref[..., :2] + offsets / per_level * ref[..., 2:] * self.offset_scale
+            locations = ref[..., :2] + offsets / self.point_count.to(query.dtype) * ref[..., 2:] * self.offset_scale
         else:
             raise ValueError(f"reference points must have 2 or 4 coordinates, got {reference_points.shape[-1]}")
         out = deformable_sample(value, shapes, locations, weights, self.points, self.method)
