@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kddetr.bench.kd_gain import ARCHS, VARIANTS, Row, _final, _slug, ensure_teacher, main, run_row, table
+from kddetr.bench.kd_gain import (ARCHS, VARIANTS, Row, _final, _slug, ensure_teacher, main, row_recipe, run_row,
+                                  table)
 from kddetr.errors import UserError
 from kddetr.config import BackboneConfig
 
@@ -120,6 +121,23 @@ def test_rows_with_committed_records_are_not_trained_again(tmp_path, fake_runs, 
     assert main([*argv, "--out", str(tmp_path / "other_lr"), "--set", "train.lr=1e-3"]) == 0
     assert [a[3] for a in fake_runs if a[3] in ("train", "distill")] == ["train", "distill"]
     assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
+
+
+def test_device_reaches_every_command_and_the_recipe_but_cpu_recipes_stay_as_recorded(tmp_path, fake_runs,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_test.json").write_text("{}")
+    argv = ["--arch", "rt_detr", "--data", str(data), "--jobs", "1", "--threads", "1", "--demo",
+            "--out", str(tmp_path / "gpu"), "--device", "cuda"]
+    assert main(argv) == 0
+    assert [a[3] for a in fake_runs] == ["train", "eval", "train", "eval", "distill", "eval"]
+    assert all(a[a.index("--device") + 1] == "cuda" for a in fake_runs)
+    for slug in ("teacher", "student_no_kd", "kd_detr_general_specific"):
+        assert json.loads((tmp_path / "gpu" / f"{slug}.command.json").read_text())["flags"] == ["--device", "cuda"]
+    cpu = row_recipe(Row("student (no KD)"), Path("c.yaml"), Path("t"), data, [])
+    assert "flags" not in cpu and cpu == row_recipe(Row("student (no KD)"), Path("c.yaml"), Path("t"), data, [], "cpu")
 
 
 def test_a_run_killed_midway_is_resumed_not_reused(tmp_path):

@@ -1,5 +1,6 @@
 """`make gpu-check` (one line and exit 0 without a GPU; its checks run and can fail on any device) and the
 COCO-scale benchmark."""
+import json
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,19 @@ def test_a_failing_command_is_a_failed_row_and_the_table_names_the_device():
     assert ok.ok and not bad.ok and bad.detail == "broken"
     md = gpu_check.table([ok, bad], "NVIDIA H100")
     assert md.startswith("gpu-check on NVIDIA H100") and "| false | FAILED | broken |" in md
+    assert "| ok | a \\| b | 0 |" in gpu_check.table([gpu_check.Check("pipe", True, "a | b")], "x")
+
+
+def test_records_hold_the_command_the_table_and_what_the_commands_printed(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    printing = gpu_check.command("speed", ["python", "-c", "print('| step | s |')"])
+    monkeypatch.setattr(gpu_check, "checks", lambda *args: [("speed", lambda: printing),
+                                                            ("broken", lambda: 1 / 0)])
+    assert gpu_check.main(["--device", "cpu", "--records", str(tmp_path / "rec")]) == 1  # one check failed
+    record = json.loads((tmp_path / "rec" / "output.json").read_text())
+    assert record["command"] == f"kddetr bench gpu-check --device cpu --records {tmp_path / 'rec'}"
+    assert record["output"].startswith("gpu-check on cpu") and record["output"].endswith("| step | s |")
+    assert "| broken | FAILED | ZeroDivisionError: division by zero |" in record["output"]
 
 
 def test_coco_scale_bench_loads_and_scores_what_it_generates(capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ class Check:
     ok: bool
     detail: str
     seconds: float = 0.0
+    printed: str = ""  # what a command check printed (e.g. the GPU speed tables), kept for the records
 
 
 def _random_images(batch: int, size: int, device: torch.device, seed: int = 0) -> ImageBatch:
@@ -149,9 +151,10 @@ def command(name: str, args: Sequence[str], timeout: float = 600) -> Check:
     """A kddetr command as a subprocess: passes when it exits 0; its last output line is the detail."""
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
-    if proc.returncode == 0 and proc.stdout:
-        print(proc.stdout, flush=True)
-    return Check(name, proc.returncode == 0, (lines[-1] if lines else "")[:120])
+    printed = proc.stdout.strip() if proc.returncode == 0 else ""
+    if printed:
+        print(printed, flush=True)
+    return Check(name, proc.returncode == 0, (lines[-1] if lines else "")[:120], printed=printed)
 
 
 def checks(device: torch.device, data: Path, teacher: Path, steps: int, size: int, run_dir: Path
@@ -178,7 +181,8 @@ def checks(device: torch.device, data: Path, teacher: Path, steps: int, size: in
 
 def table(results: Sequence[Check], device_name: str) -> str:
     lines = [f"gpu-check on {device_name}", "", "| check | result | detail | s |", "|---|---|---|---:|"]
-    lines += [f"| {c.name} | {'ok' if c.ok else 'FAILED'} | {c.detail} | {c.seconds:.0f} |" for c in results]
+    cells = [(c.name, "ok" if c.ok else "FAILED", c.detail.replace("|", "\\|"), f"{c.seconds:.0f}") for c in results]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -189,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--teacher", type=Path, default=Path("assets/teacher"))
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of the AMP checks")
     p.add_argument("--coco-size", type=int, default=800, help="image side of the COCO memory check")
+    p.add_argument("--records", type=Path, help="also save the command, the table and the printed speed tables "
+                                                "here (output.json), for `kddetr bench report`")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device is visible on this machine; nothing to check")
@@ -213,7 +219,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result.seconds = time.time() - start
             results.append(result)
             print(f"{'ok' if result.ok else 'FAILED'}: {result.name}: {result.detail}", flush=True)
-    print("\n" + table(results, name))
+    report = "\n\n".join([table(results, name), *(r.printed for r in results if r.printed)])
+    print("\n" + report)
+    if args.records:
+        from kddetr.bench.records import save_output
+
+        save_output(args.records, "kddetr bench gpu-check " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                    report)
     return 0 if all(r.ok for r in results) else 1
 
 

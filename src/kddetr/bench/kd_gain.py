@@ -72,12 +72,18 @@ def schedule_overrides(schedule: str, teacher: Path) -> list[str]:
     return [f"train.epochs={train['epochs']}", f"train.lr_drop_epochs=[{drops}]", "train.eval_every=2"]
 
 
-def row_recipe(row: Row, config: Path, teacher: Path, data: Path, overrides: Sequence[str]) -> dict:
-    """What starts the row's run: its `kddetr` command, config, data, teacher and overrides (seed and variant
-    included). A run, or a committed record, is only taken for the row when its recipe is this one."""
+def device_flags(device: str) -> list[str]:
+    """`kddetr` flags of a run on `device`: none on the CPU, so CPU recipes (and their records) stay as they were."""
+    return [] if device == "cpu" else ["--device", device]
+
+
+def row_recipe(row: Row, config: Path, teacher: Path, data: Path, overrides: Sequence[str],
+               device: str = "cpu") -> dict:
+    """What starts the row's run: its `kddetr` command, config, data, teacher, overrides (seed and variant
+    included) and device. A run, or a committed record, is only taken for the row when its recipe is this one."""
     command, extra = VARIANTS[row.variant]
     seed = [] if row.seed is None else [f"train.seed={row.seed}"]
-    return recipe(command, config, data, teacher, [*overrides, *seed, *extra])
+    return recipe(command, config, data, teacher, [*overrides, *seed, *extra], device_flags(device))
 
 
 def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], overrides: Sequence[str],
@@ -89,9 +95,9 @@ def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], over
 
 
 def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
-            threads: int) -> Path:
-    run = run_recipe(row.slug, row_recipe(row, config, teacher, data, overrides), out, threads)
-    evaluate_split(run / "last", data, "test", run / "test" / "metrics.json", threads)
+            threads: int, device: str = "cpu") -> Path:
+    run = run_recipe(row.slug, row_recipe(row, config, teacher, data, overrides, device), out, threads)
+    evaluate_split(run / "last", data, "test", run / "test" / "metrics.json", threads, device)
     return run
 
 
@@ -109,7 +115,8 @@ def recorded(row: Row, wanted: dict, root: Optional[Path]) -> Optional[records.R
     return records.load_run(folder, row.variant, row.seed)
 
 
-def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads: int) -> Optional[dict]:
+def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads: int,
+                   device: str = "cpu") -> Optional[dict]:
     """`kddetr eval` of `checkpoint` on `split` into `out` (kept when already there); None when the data has no
     such split."""
     if not (data / "annotations" / f"instances_{split}.json").is_file():
@@ -117,7 +124,7 @@ def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads:
     if not out.is_file():
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         subprocess.run([sys.executable, "-m", "kddetr", "eval", str(checkpoint), "--data", str(data), "--split",
-                        split, "--out", str(out), "--no-progress"], check=True, stdout=subprocess.DEVNULL, env=env)
+                        split, "--out", str(out), "--no-progress", *device_flags(device)], check=True, stdout=subprocess.DEVNULL, env=env)
     return json.loads(out.read_text())
 
 
@@ -155,13 +162,14 @@ def run_recipe(slug: str, wanted: dict, out: Path, threads: int) -> Path:
 
 
 def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, overrides: Sequence[str],
-                   threads: int) -> Path:
+                   threads: int, device: str = "cpu") -> Path:
     """The teacher checkpoint: `teacher` if given, the arch's shipped one, else trained from its config into
     `out/teacher` (best checkpoint, or last when it never evaluated better)."""
     entry = spec(arch)
     if teacher is not None or entry.shipped_teacher is not None:
         return teacher or entry.shipped_teacher  # type: ignore[return-value]
-    run = run_recipe("teacher", recipe("train", entry.teacher_config, data, None, overrides), out, threads)
+    run = run_recipe("teacher", recipe("train", entry.teacher_config, data, None, overrides, device_flags(device)),
+                     out, threads)
     return run / "best" if (run / "best").is_dir() else run / "last"
 
 
@@ -246,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
                                                  "weights) here, for `kddetr bench report`")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (each gets threads/jobs threads)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every run trains and evaluates (recorded in each run's recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every run (a teacher trained here included)")
     return p
@@ -262,13 +272,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     threads = max(1, args.threads // args.jobs)
     start = time.time()
-    args.teacher = ensure_teacher(args.arch, args.teacher, args.data, args.out, args.overrides, args.threads)
+    args.teacher = ensure_teacher(args.arch, args.teacher, args.data, args.out, args.overrides, args.threads,
+                                  args.device)
     overrides = [*schedule_overrides(args.schedule, args.teacher), *args.overrides]
     teacher_metrics = {split: evaluate_split(args.teacher, args.data, split, args.out / f"teacher_{split}" /
-                                             "metrics.json", args.threads) for split in ("val", "test")}
+                                             "metrics.json", args.threads, args.device)
+                       for split in ("val", "test")}
     manifest = dict(arch=args.arch, schedule=args.schedule, rows=rows, teacher=teacher_metrics,
                     argv=list(argv if argv is not None else sys.argv[1:]))
-    reused = {row: recorded(row, row_recipe(row, config, args.teacher, args.data, overrides), args.records)
+    reused = {row: recorded(row, row_recipe(row, config, args.teacher, args.data, overrides, args.device),
+                            args.records)
               for row in rows}
     reused = {row: record for row, record in reused.items() if record is not None}
     if reused:
@@ -283,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if row in reused:
             record = reused[row]
             return record.test, record.final_val, record.s_per_step
-        run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads)
+        run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads, args.device)
         if args.records:
             records.save_run(run, args.records / row.slug)
         test = run / "test" / "metrics.json"

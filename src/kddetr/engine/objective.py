@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,6 @@ from kddetr.models.protocol import DetectorOutput, ImageBatch
 LossDict = dict[str, Tensor]
 
 
-@runtime_checkable
 class Objective(Protocol):
     """What the trainer may rely on. Calling it with a batch gives the student's outputs and its named losses,
     already weighted (the trainer sums them); `student` is the module to optimise, evaluate and save; the extra
@@ -27,6 +26,14 @@ class Objective(Protocol):
     def extra_state(self) -> dict[str, Any]: ...
 
     def load_extra_state(self, state: dict[str, Any]) -> None: ...
+
+
+def is_objective(candidate: object) -> bool:
+    """Whether `candidate` offers what `Objective` names. Checked by attribute: from Python 3.12 a runtime
+    protocol check reads attributes statically and misses a `student` held as an `nn.Module` submodule."""
+    methods = ("extra_state", "load_extra_state")
+    return (callable(candidate) and isinstance(getattr(candidate, "student", None), nn.Module)
+            and all(callable(getattr(candidate, name, None)) for name in methods))
 
 
 class DetectionObjective(nn.Module):

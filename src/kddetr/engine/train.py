@@ -24,7 +24,7 @@ from kddetr.engine.checkpoint import (DatasetInfo, load_state_dict_file, load_tr
 from kddetr.engine.diagnostics import collapse_stats
 from kddetr.engine.evaluate import evaluate
 from kddetr.engine.nonfinite import NonFiniteLossError, NonFiniteWatch
-from kddetr.engine.objective import Objective
+from kddetr.engine.objective import Objective, is_objective
 from kddetr.engine.optim import build_optimizer, lr_factor
 from kddetr.engine.precision import autocast, grad_scaler
 from kddetr.engine.seeding import rng_state, seed_everything, set_rng_state
@@ -63,7 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, objective: Objective, train_set: CocoDetection,
                  val_set: Optional[CocoDetection], out_dir: Path, device: torch.device, progress: bool = True) -> None:
-        if not isinstance(objective, Objective):
+        if not is_objective(objective):
             raise TypeError(f"{type(objective).__name__} does not implement the objective protocol")
         self.cfg, self.objective, self.device = cfg, objective.to(device), device
         self.student: nn.Module = objective.student
