@@ -49,7 +49,7 @@ SPECS = (
                  "kddetr.models.rt_detr:RTDetrOptions",
                  student_config=Path("configs/embedded_rt_detr_student.yaml"),
                  teacher_config=Path("configs/embedded_rt_detr_teacher.yaml"),
-                 hf="kddetr.interop.hf_rt_detr:CONVERTER"),
+                 shipped_teacher=Path("assets/teacher_rt_detr"), hf="kddetr.interop.hf_rt_detr:CONVERTER"),
     DetectorSpec("faster_rcnn", "Faster R-CNN", "kddetr.models.faster_rcnn:FasterRCNN",
                  "kddetr.models.faster_rcnn:build_criterion", 100, "kddetr.models.faster_rcnn:RCNNOptions",
                  set_prediction=False,
