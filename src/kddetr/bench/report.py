@@ -183,18 +183,27 @@ def compared(name: str, benches: dict[str, Bench | Printed]) -> list[Bench]:
     return found
 
 
+LABEL_FLAGS = ("--set", "--teacher", "--config", "--arch")  # what may tell compared benchmarks apart
+
+
+def _labels(command: str) -> list[str]:
+    """A benchmark command's labelling options in its order: each `--set` by its value, the others as
+    `--flag value`."""
+    args = shlex.split(command)
+    return [value if flag == "--set" else f"{flag} {value}" for flag, value in zip(args, args[1:])
+            if flag in LABEL_FLAGS]
+
+
 def _setting(bench: Bench, shared: set[str]) -> str:
-    """What a compared benchmark's command sets that not all of them do: its `--set` overrides."""
-    args = shlex.split(bench.command)
-    own = [value for flag, value in zip(args, args[1:]) if flag == "--set" and value not in shared]
-    return ", ".join(f"`{value}`" for value in own) or "none beyond the shared ones"
+    """What a compared benchmark's command sets that not all of them do (overrides, teacher, config, arch)."""
+    own = [label for label in _labels(bench.command) if label not in shared]
+    return ", ".join(f"`{label}`" for label in own) or "none beyond the shared ones"
 
 
 def comparison(benches: list[Bench]) -> tuple[str, Bench]:
     """A table with one row per run of every benchmark, labelled by what its command sets that not all do, and a
     benchmark holding those runs (for one figure of their curves)."""
-    overrides = [{v for f, v in zip(a, a[1:]) if f == "--set"} for a in (shlex.split(b.command) for b in benches)]
-    shared = set.intersection(*overrides)
+    shared = set.intersection(*(set(_labels(b.command)) for b in benches))
     lines = ["| records | setting | row | seed | val AP | test AP | steps |", "|---|---|---|---|---:|---:|---:|"]
     runs = []
     for bench in benches:
