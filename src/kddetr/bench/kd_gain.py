@@ -124,7 +124,8 @@ def evaluate_split(checkpoint: Path, data: Path, split: str, out: Path, threads:
     if not out.is_file():
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         subprocess.run([sys.executable, "-m", "kddetr", "eval", str(checkpoint), "--data", str(data), "--split",
-                        split, "--out", str(out), "--no-progress", *device_flags(device)], check=True, stdout=subprocess.DEVNULL, env=env)
+                        split, "--out", str(out), "--no-progress", *device_flags(device)],
+                       check=True, stdout=subprocess.DEVNULL, env=env)
     return json.loads(out.read_text())
 
 
