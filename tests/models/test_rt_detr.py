@@ -215,6 +215,27 @@ def test_distillation_groups_are_isolated(point_content: str, isolation: str) ->
         assert_same(got, ref)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_point_memory_grad_off_keeps_distillation_losses_out_of_the_encoder(training: bool) -> None:
+    def step(point_memory_grad: bool) -> tuple:
+        model = tiny_model(point_memory_grad=point_memory_grad).train(training)
+        torch.manual_seed(5)
+        out = model(image_batch(), TARGETS, extra_queries=extra_groups())
+        sum(group.logits.sum() + group.boxes.sum() for group in out.extra).backward()
+        encoder = [p.grad for p in model.encoder.parameters()]
+        decoder = [p.grad for p in model.decoder.parameters()]
+        return out, encoder, decoder
+
+    (on, encoder_on, decoder_on), (off, encoder_off, decoder_off) = step(True), step(False)
+    assert_same(on, off, atol=0)
+    for got, ref in zip(off.extra, on.extra, strict=True):
+        assert_same(got, ref, atol=0)
+    assert any(g is not None and g.any() for g in encoder_on)
+    assert all(g is None or not g.any() for g in encoder_off)
+    for got, ref in zip(decoder_off, decoder_on, strict=True):  # the decoder learns the same from the points
+        torch.testing.assert_close(got, ref)
+
+
 def test_a_layer_box_trains_the_previous_layer_box_head_too() -> None:
     model = tiny_model().train()
     for head in model.bbox_embed:

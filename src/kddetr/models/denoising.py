@@ -147,18 +147,20 @@ class DenoisingGenerator(nn.Module):
 
 
 def decode_with_denoising(inputs: Sequence[GroupInputs], denoising: DenoisingGroups, memory: Any,
-                          decode: Callable[..., DecoderOutput], mode: str) -> list[DecoderOutput]:
+                          decode: Callable[..., DecoderOutput], mode: str, group_memory: Any = None
+                          ) -> list[DecoderOutput]:
     """Outputs of `[denoising, *groups]` from their decoder inputs (`inputs[0]`: the denoising queries',
     `inputs[1]`: the detection queries', as in `query_groups.decode_groups`).
 
     Denoising and detection queries share one pass under `denoising_attn_mask`; `query_groups.decode_groups`
-    decodes the other groups on their own (`mode`).
+    decodes the other groups on their own (`mode`), over `group_memory` (default `memory`).
     """
+    group_memory = memory if group_memory is None else group_memory
     sizes = [parts[0].shape[1] for parts in inputs[:2]]
     mask = denoising_attn_mask(denoising.valid, denoising.num_groups, sizes[1:])
     outputs = split_groups(decode(*[torch.cat(parts, 1) for parts in zip(*inputs[:2])], memory, mask), sizes)
     rest = inputs[2:]
-    return outputs + (decode_groups(rest, memory, decode, mode) if rest else [])
+    return outputs + (decode_groups(rest, group_memory, decode, mode) if rest else [])
 
 
 class DenoisedForward:
@@ -166,17 +168,26 @@ class DenoisedForward:
     `encode`, `decode_groups`, `_inputs` (a group's decoder inputs), `_decode`, `group_isolation`, `denoising`
     (a `DenoisingGenerator` or None) and a memory with the encoder's `proposals`."""
 
+    def group_memory(self, memory: Any) -> Any:
+        """The memory extra query groups are decoded over (a detector may detach parts of it)."""
+        return memory
+
     def forward(self, images: ImageBatch, targets: Optional[list[dict[str, Tensor]]] = None,
                 extra_queries: Optional[list[Queries]] = None) -> DetectorOutput:
         memory = self.encode(images)
         groups = [None, *(extra_queries or [])]
         noised, meta = None, None
+        group_memory = self.group_memory(memory)
         if not self.training or self.denoising is None or targets is None:
-            detections, *extra = self.decode_groups(memory, groups)
+            if group_memory is memory:
+                detections, *extra = self.decode_groups(memory, groups)
+            else:
+                detections, extra = self.decode_groups(memory, [None])[0], self.decode_groups(group_memory, groups[1:])
         else:
             dn = self.denoising(targets)
             inputs = [self._inputs(memory, group) for group in [dn.queries, *groups]]
-            noised, detections, *extra = decode_with_denoising(inputs, dn, memory, self._decode, self.group_isolation)
+            noised, detections, *extra = decode_with_denoising(inputs, dn, memory, self._decode, self.group_isolation,
+                                                               group_memory)
             meta = dn.meta
         return DetectorOutput(logits=detections.logits, boxes=detections.boxes, extra=extra, denoising=noised,
                               denoising_meta=meta, encoder_memory=memory.memory, encoder_proposals=memory.proposals)

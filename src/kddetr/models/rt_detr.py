@@ -1,6 +1,7 @@
 """RT-DETR (arXiv 2304.08069) and RT-DETRv2 (arXiv 2407.17140): hybrid encoder, IoU-aware query selection."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
@@ -50,6 +51,9 @@ class RTDetrOptions:
     # a distillation point's content: "memory", the projected encoder memory (what query selection gathers) at the
     # point's centre, on the level whose anchors fit its size; "zeros": none
     point_content: Literal["zeros", "memory"] = "memory"
+    # whether a distillation point's losses reach the encoder through the memory its decoder layers read (false:
+    # they train the decoder only; the encoder learns from the detection, proposal and denoising losses)
+    point_memory_grad: bool = True
     varifocal_alpha: float = 0.75  # the varifocal class loss's weight of negatives, `alpha * p ** gamma`
     varifocal_gamma: float = 2.0
 
@@ -119,6 +123,7 @@ class RTDETR(DenoisedForward, nn.Module):
         _check(cfg)
         self.num_classes, self.num_decoder_layers, self.num_queries = num_classes, cfg.decoder_layers, cfg.num_queries
         self.hidden_dim, self.anchor_size, self.point_content = dim, options.anchor_size, options.point_content
+        self.point_memory_grad = options.point_memory_grad
         self.group_isolation, self.channels_last = cfg.group_isolation, cfg.channels_last
         encoder_dim = options.encoder_dim or dim
         self.backbone = build_backbone(cfg.backbone, options.resnet_variant)
@@ -219,6 +224,11 @@ class RTDETR(DenoisedForward, nn.Module):
         level = torch.log2(size / self.anchor_size).round().clamp(0, len(memory.shapes) - 1).long()
         chosen = stacked.gather(1, level[:, None, :, None].expand(-1, -1, -1, dim))[:, 0]
         return chosen.detach()
+
+    def group_memory(self, memory: RTDetrMemory) -> RTDetrMemory:
+        """The memory extra query groups are decoded over: `memory`, or (`point_memory_grad: false`) with the
+        decoder's input levels detached."""
+        return memory if self.point_memory_grad else dataclasses.replace(memory, memory=memory.memory.detach())
 
     def _inputs(self, memory: RTDetrMemory, queries: Optional[Queries]) -> tuple[Tensor, Tensor]:
         """Content `[B, K, D]` and anchors `[B, K, 4]` of a group (None: the detection queries)."""
