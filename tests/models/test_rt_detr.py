@@ -196,7 +196,20 @@ def test_point_content_is_the_memory_at_the_centre_on_the_level_of_its_size() ->
     assert not zeros.point_contents(memory, anchors).any()
 
 
-@pytest.mark.parametrize("point_content", ["memory", "zeros"])
+def test_proposal_content_decodes_a_selected_proposal_as_its_detection_query() -> None:
+    model = tiny_model(point_content="proposal").eval()
+    with torch.no_grad():
+        memory = model.encode(image_batch())
+        selected = model.learned_queries(2, memory).anchors
+        assert_same(model.decode(memory, Queries(selected)), model.decode(memory, None), atol=1e-6)
+        # any valid cell's own proposal box, as a point, takes that cell's content (unselected cells too)
+        valid = memory.valid[0, :, 0].nonzero()[:, 0]
+        cells = valid[torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[:20]]
+        content = model.point_contents(memory, memory.cell_boxes[:, cells])
+    torch.testing.assert_close(content, memory.projected[:, cells], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("point_content", ["memory", "zeros", "proposal"])
 @pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_distillation_groups_are_isolated(point_content: str, isolation: str) -> None:
     model = tiny_model(point_content=point_content, group_isolation=isolation).eval()

@@ -9,6 +9,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_convert, box_iou
 
 from kddetr.config import DenoisingConfig, ModelConfig, positive
 from kddetr.errors import UserError
@@ -48,9 +49,10 @@ class RTDetrOptions:
     decoder_offset_scale: float = 0.5  # v2: sampling offsets are this fraction of the reference box
     learn_query_content: bool = False  # learned content per query slot instead of the selected memory features
     anchor_size: float = 0.05  # w = h of the level-0 proposal anchors, doubled per level
-    # a distillation point's content: "memory", the projected encoder memory (what query selection gathers) at the
+    # a distillation point's content: "proposal", the projected encoder memory of the cell whose proposal box
+    # overlaps the point most (what that cell's detection query would get); "memory", the projected memory at the
     # point's centre, on the level whose anchors fit its size; "zeros": none
-    point_content: Literal["zeros", "memory"] = "memory"
+    point_content: Literal["zeros", "memory", "proposal"] = "memory"
     # whether a distillation point's losses reach the encoder through the memory its decoder layers read (false:
     # they train the decoder only; the encoder learns from the detection, proposal and denoising losses)
     point_memory_grad: bool = True
@@ -67,6 +69,8 @@ class RTDetrMemory:
     projected: Tensor  # [B, S, D]: enc_output(memory), what proposals and query contents are made of
     selected: Tensor  # [B, K, 4] the top proposals' boxes, detached: the detection queries' anchors
     content: Tensor  # [B, K, D] their projected memory, detached: the detection queries' content
+    cell_boxes: Tensor  # [B, S, 4] every cell's proposal box, detached (invalid cells: see `valid`)
+    valid: Tensor  # [1, S, 1] cells whose anchor lies inside the image (only they are selected)
     proposals: DecoderOutput  # [1, B, K, C] and [1, B, K, 4], with gradients: what the encoder loss trains
     mask: Optional[Tensor] = None  # RT-DETR masks no padding (the decoder layers read this)
 
@@ -109,7 +113,9 @@ class RTDETR(DenoisedForward, nn.Module):
     Implements the detector protocol (`models/protocol.py`). An extra group's anchors are decoded like selected
     proposals; its content, when not given, is the projected memory at each anchor's centre, bilinearly sampled on
     the level whose proposal anchors (`anchor_size * 2 ** level`) are nearest to the anchor's size (geometric
-    mean of w and h, in log scale) and detached like the detection queries' (`point_content: memory`), or zeros.
+    mean of w and h, in log scale) and detached like the detection queries' (`point_content: memory`); or the
+    projected memory of the cell whose proposal box overlaps the anchor most (`proposal`: a selected proposal
+    decoded as a point is then its detection query); or zeros.
     `learned_queries(B, memory)` returns the selected boxes with their content: decoding them gives the
     detections. Groups see neither the detection queries, the denoising groups nor each other.
 
@@ -190,9 +196,10 @@ class RTDETR(DenoisedForward, nn.Module):
         def gather(t: Tensor) -> Tensor:
             return t.gather(1, top.expand(-1, -1, t.shape[-1]))
 
+        cell_boxes = coords.detach().sigmoid()
         coords = gather(coords)
         return RTDetrMemory(memory, shapes, projected, coords.detach().sigmoid(), gather(projected).detach(),
-                            DecoderOutput(gather(logits)[None], coords.sigmoid()[None]))
+                            cell_boxes, valid, DecoderOutput(gather(logits)[None], coords.sigmoid()[None]))
 
     def lr_multipliers(self) -> dict[str, float]:
         """None: RT-DETR trains every parameter outside the backbone at the base rate (the backbone at
@@ -214,6 +221,11 @@ class RTDETR(DenoisedForward, nn.Module):
         batch, count, dim = anchors.shape[0], anchors.shape[1], self.hidden_dim
         if self.point_content == "zeros":
             return anchors.new_zeros(batch, count, dim)
+        if self.point_content == "proposal":
+            points, cells = (box_convert(b.float(), "cxcywh", "xyxy") for b in (anchors, memory.cell_boxes))
+            overlap = torch.stack([box_iou(p, c) for p, c in zip(points, cells)])  # [B, K, S]
+            best = overlap.masked_fill(~memory.valid[..., 0][:, None], -1).argmax(-1)
+            return memory.projected.gather(1, best[..., None].expand(-1, -1, dim)).detach()
         grid = (2 * anchors[..., :2] - 1)[:, :, None].to(memory.projected.dtype)  # [B, K, 1, 2]
         samples = []
         for (h, w), level in zip(memory.shapes, memory.projected.split([h * w for h, w in memory.shapes], 1)):
