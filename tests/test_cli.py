@@ -118,3 +118,16 @@ def test_console_script_exit_code_and_debug(tmp_path):
     assert proc.returncode == 2 and "kddetr: error:" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "kddetr", "--debug", *cmd[3:]], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_bench_teacher_points_prints_and_records_the_gap(flow, capsys):
+    root, data, run = flow
+    records = root / "teacher_points"
+    assert main(["bench", "teacher-points", str(run / "last"), "--data", str(data), "--records", str(records)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| `{run / 'last'}`")][-1]
+    detections, points, gap = (float(cell) for cell in row.strip("|").split("|")[1:])
+    assert points == detections and gap == 0.0  # DAB-DETR decodes its own anchors as points exactly
+    saved = json.loads((records / "output.json").read_text())
+    assert saved["command"].startswith("kddetr bench teacher-points ") and row in saved["output"]
+    assert main(["bench", "teacher-points", str(run / "last"), "--data", str(data), "--set", "model.no_such=1"]) == 2
+    assert "no_such" in capsys.readouterr().err

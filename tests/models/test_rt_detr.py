@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, box_iou
 
+from kddetr.bench.teacher_points import AsPoints
 from kddetr.config import BackboneConfig, DenoisingConfig, ModelConfig
 from kddetr.errors import UserError
 from kddetr.models.build import build_criterion, build_detector
@@ -207,6 +208,15 @@ def test_proposal_content_decodes_a_selected_proposal_as_its_detection_query() -
         cells = valid[torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[:20]]
         content = model.point_contents(memory, memory.cell_boxes[:, cells])
     torch.testing.assert_close(content, memory.projected[:, cells], atol=0, rtol=0)
+
+
+def test_teacher_points_bench_sees_the_gap_that_proposal_content_closes() -> None:
+    with torch.no_grad():
+        for content, same in (("proposal", True), ("memory", False)):
+            model = tiny_model(point_content=content).eval()
+            nn.init.normal_(model.enc_bbox_head.layers[-1].weight, std=0.1)  # proposals off their cells' anchors
+            detections, points = model(image_batch()), AsPoints(model)(image_batch())
+            assert torch.allclose(points.logits, detections.logits, atol=1e-6) is same
 
 
 @pytest.mark.parametrize("point_content", ["memory", "zeros", "proposal"])

@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import yaml
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kddetr import __version__
-from kddetr.config import Config, from_dict, load_yaml, migrate_saved_config, to_dict
+from kddetr.config import Config, apply_overrides, from_dict, load_yaml, migrate_saved_config, to_dict
 from kddetr.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -121,7 +121,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, dataset: Da
     return path
 
 
-def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
+def read_checkpoint_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, DatasetInfo]:
+    """The checkpoint's config (with `a.b=value` `overrides` applied) and the dataset it was trained on."""
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not path.is_dir() or not cfg_file.is_file():
@@ -135,7 +136,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[Config, DatasetInfo]:
     dataset = from_dict(DatasetInfo, info, f"{cfg_file}:dataset")
     if len(dataset.category_names) != len(dataset.category_ids):
         raise UserError(f"{cfg_file}: dataset.category_names and category_ids differ in length")
-    return from_dict(Config, migrate_saved_config(data), str(cfg_file)), dataset
+    return from_dict(Config, apply_overrides(migrate_saved_config(data), list(overrides)), str(cfg_file)), dataset
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -164,12 +165,12 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Build the model that `path/config.yaml` describes and load `path/model.safetensors` into it."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", overrides: Sequence[str] = ()) -> Checkpoint:
+    """Build the model that `path/config.yaml` (with `overrides`) describes and load `path/model.safetensors`."""
     from kddetr.models.build import build_detector
 
     path = Path(path)
-    cfg, dataset = read_checkpoint_config(path)
+    cfg, dataset = read_checkpoint_config(path, overrides)
     backbone = cfg.model.backbone
     if backbone.weights is not None:  # the checkpoint holds the trained backbone: don't need the init file
         loaded = dataclasses.replace(backbone, weights=None,
