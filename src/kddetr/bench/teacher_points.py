@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every checkpoint, e.g. model.rt_detr.point_content=proposal")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--records", type=Path, help="save the command and its table here, for `kddetr bench report`")
     return p
 
@@ -47,20 +48,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from kddetr.data.coco import build_dataset
     from kddetr.data.loader import make_loader
     from kddetr.engine.checkpoint import load_checkpoint
+    from kddetr.engine.runner import check_device
     from kddetr.models.build import num_select
 
     args = parser().parse_args(argv)
+    check_device(args.device)
     lines = [f"AP on `{args.split}`; overrides: {', '.join(args.overrides) or 'none'}", "",
              "| checkpoint | detections AP | own queries as points AP | points − detections |", "|---|---:|---:|---:|"]
     for path in args.checkpoints:
-        ckpt = load_checkpoint(path, overrides=args.overrides)
+        ckpt = load_checkpoint(path, args.device, overrides=args.overrides)
         dataset = build_dataset(args.data, args.split, ckpt.config.data, train=False)
         ckpt.dataset.check_matches(str(path), dataset.category_ids)
         loader = make_loader(dataset, args.batch_size, False, 0)
         top_k = num_select(ckpt.config.model)
         with torch.no_grad():
-            detections = evaluate(ckpt.model, loader, dataset, "cpu", top_k, progress=False)[0]["AP"]
-            points = evaluate(AsPoints(ckpt.model), loader, dataset, "cpu", top_k, progress=False)[0]["AP"]
+            detections = evaluate(ckpt.model, loader, dataset, args.device, top_k, progress=False)[0]["AP"]
+            points = evaluate(AsPoints(ckpt.model), loader, dataset, args.device, top_k, progress=False)[0]["AP"]
         lines.append(f"| `{path}` | {detections:.1f} | {points:.1f} | {points - detections:+.1f} |")
         print(lines[-1], flush=True)
     output = "\n".join(lines)
