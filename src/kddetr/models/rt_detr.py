@@ -9,7 +9,7 @@ from typing import Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_iou
 
 from kddetr.config import DenoisingConfig, ModelConfig, positive
 from kddetr.errors import UserError
@@ -222,8 +222,7 @@ class RTDETR(DenoisedForward, nn.Module):
         if self.point_content == "zeros":
             return anchors.new_zeros(batch, count, dim)
         if self.point_content == "proposal":
-            points, cells = (box_convert(b.float(), "cxcywh", "xyxy") for b in (anchors, memory.cell_boxes))
-            overlap = torch.stack([box_iou(p, c) for p, c in zip(points, cells)])  # [B, K, S]
+            overlap = box_iou(anchors.float(), memory.cell_boxes.float(), fmt="cxcywh")  # [B, K, S]
             best = overlap.masked_fill(~memory.valid[..., 0][:, None], -1).argmax(-1)
             return memory.projected.gather(1, best[..., None].expand(-1, -1, dim)).detach()
         grid = (2 * anchors[..., :2] - 1)[:, :, None].to(memory.projected.dtype)  # [B, K, 1, 2]
