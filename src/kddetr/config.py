@@ -150,7 +150,8 @@ class TrainConfig:
 class KDConfig:
     method: Literal["kd_detr", "hungarian", "none"] = "kd_detr"  # hungarian: inconsistent points; none: no KD
     general_points: int = 300
-    general_distribution: Literal["uniform", "logit_normal"] = "logit_normal"
+    general_distribution: Literal["uniform", "logit_normal", "near_teacher"] = "logit_normal"
+    general_box_noise: float = 1.0  # near_teacher: each corner of a teacher anchor moved by up to this x (w/2, h/2)
     specific_points: bool = True
     specific_source: Literal["anchors", "final_boxes"] = "anchors"  # the teacher's anchors, or its boxes from them
     student_proposals: bool = False  # also distil at the student's own queries of the step (Faster R-CNN: its proposals)

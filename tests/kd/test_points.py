@@ -1,7 +1,10 @@
 import torch
 
 from kddetr.config import KDConfig
-from kddetr.kd.points import GeneralPoints, SpecificPoints, build_samplers, load_sampler_states, sampler_states
+from torchvision.ops import box_convert
+
+from kddetr.kd.points import (GeneralPoints, NearTeacherPoints, SpecificPoints, build_samplers, load_sampler_states,
+                              sampler_states)
 from kddetr.models.protocol import ImageBatch, Queries
 
 
@@ -79,3 +82,26 @@ def test_specific_points_from_final_boxes_are_the_teachers_last_layer_boxes_per_
     assert torch.equal(final, boxes.clamp(1e-4, 1 - 1e-4)) and not final.requires_grad
     assert [s.source for s in build_samplers(KDConfig(specific_source="final_boxes")) if s.name == "specific"] == [
         "final_boxes"]
+
+
+def test_near_teacher_points_lie_around_the_teachers_anchors_and_resume():
+    """Each point is one of the teacher's anchors with every corner moved by at most box_noise x (w/2, h/2)."""
+    teacher = _Teacher()
+    anchors = teacher.learned_queries(2).anchors.detach()
+    sampler = NearTeacherPoints(200, box_noise=0.5, seed=0)
+    points = sampler(2, torch.device("cpu"), teacher).anchors
+    assert points.shape == (2, 200, 4) and not points.requires_grad
+    corners, teacher_corners = box_convert(points, "cxcywh", "xyxy"), box_convert(anchors, "cxcywh", "xyxy")
+    reach = anchors[..., 2:].repeat(1, 1, 2) / 2 * 0.5  # [B, 3, 4]
+    offset = (corners[:, :, None] - teacher_corners[:, None]).abs()  # [B, 200, 3, 4]
+    near = (offset <= reach[:, None] + 1e-5).all(-1)  # [B, 200, 3]: within reach of that anchor
+    assert near.any(-1).all()
+    assert len({tuple(a) for a in near[0].float().argmax(-1)[:, None].tolist()}) == 3  # every anchor is drawn
+    assert not torch.equal(points[0], points[1])  # drawn per image
+
+    state = sampler_states([sampler])
+    expected = sampler(2, torch.device("cpu"), teacher).anchors
+    fresh = NearTeacherPoints(200, box_noise=0.5, seed=5)
+    load_sampler_states([fresh], state)
+    assert torch.equal(fresh(2, torch.device("cpu"), teacher).anchors, expected)
+    assert [type(s) for s in build_samplers(KDConfig(general_distribution="near_teacher"))][0] is NearTeacherPoints

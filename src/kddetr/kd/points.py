@@ -6,6 +6,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from kddetr.config import KDConfig
+from kddetr.models.denoising import noise_corners
 from kddetr.models.protocol import Queries
 
 
@@ -55,6 +56,33 @@ class GeneralPoints:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+class NearTeacherPoints(GeneralPoints):
+    """K points per image around the teacher's own queries: a random query's anchor (drawn with replacement),
+    each corner moved by up to `box_noise` x (w/2, h/2) as in DINO's box noise (`general_distribution:
+    near_teacher`).
+
+    For detectors whose queries are encoder proposals (RT-DETR), a box drawn anywhere in the image is a query the
+    teacher never decodes; a box near one of its proposals stays close to what it was trained to answer.
+    """
+
+    def __init__(self, num_points: int, box_noise: float = 1.0, seed: int = 0) -> None:
+        self.num_points = num_points
+        self.distribution = "near_teacher"
+        self.box_noise = box_noise
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch_size: int, device: torch.device, teacher: Any = None, teacher_memory: Any = None,
+                 student: Any = None, student_memory: Any = None) -> Queries:
+        if teacher is None:
+            raise ValueError("kd.general_distribution=near_teacher: the caller must pass the teacher")
+        anchors = teacher.learned_queries(batch_size, memory=teacher_memory).anchors.detach().float().cpu()
+        anchors = anchors.expand(batch_size, -1, -1)
+        picks = torch.randint(anchors.shape[1], (batch_size, self.num_points), generator=self.generator)
+        centres = torch.gather(anchors, 1, picks[..., None].expand(-1, -1, 4))
+        noised = noise_corners(centres, self.box_noise, self.generator)
+        return Queries(anchors=noised.clamp(1e-4, 1 - 1e-4).to(device))
 
 
 class _Stateless:
@@ -115,7 +143,9 @@ def build_samplers(cfg: KDConfig) -> list[PointSampler]:
     """The groups of distillation points that `cfg` asks for: general, specific, then the student's proposals."""
     samplers: list[PointSampler] = []
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if cfg.general_points > 0:  # each rank draws its own points, as in the released code
+    if cfg.general_points > 0 and cfg.general_distribution == "near_teacher":
+        samplers.append(NearTeacherPoints(cfg.general_points, cfg.general_box_noise, cfg.seed + rank))
+    elif cfg.general_points > 0:  # each rank draws its own points, as in the released code
         samplers.append(GeneralPoints(cfg.general_points, cfg.general_distribution, cfg.seed + rank))
     if cfg.specific_points:
         samplers.append(SpecificPoints(cfg.specific_source))
