@@ -148,6 +148,23 @@ def test_device_reaches_every_command_and_the_recipe_but_cpu_recipes_stay_as_rec
     assert "flags" not in cpu and cpu == row_recipe(Row("student (no KD)"), Path("c.yaml"), Path("t"), data, [], "cpu")
 
 
+def test_teacher_set_reaches_the_distill_runs_and_their_recipes_only(tmp_path, fake_runs, monkeypatch):
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_test.json").write_text("{}")
+    argv = ["--arch", "dino", "--data", str(data), "--jobs", "1", "--threads", "1", "--demo", "--out",
+            str(tmp_path / "out"), "--teacher-set", "model.num_select=50"]
+    assert main(argv) == 0
+    runs = {a[3]: a for a in fake_runs if a[3] in ("train", "distill")}
+    assert "--teacher-set" not in runs["train"]
+    distill = runs["distill"]
+    assert distill[distill.index("--teacher-set") + 1] == "model.num_select=50"
+    recipe = json.loads((tmp_path / "out" / "kd_detr_general_specific.command.json").read_text())
+    assert recipe["flags"] == ["--teacher-set", "model.num_select=50"]
+    assert "flags" not in json.loads((tmp_path / "out" / "student_no_kd.command.json").read_text())
+
+
 def test_a_run_killed_midway_is_resumed_not_reused(tmp_path):
     from kddetr.bench.kd_gain import finished
 

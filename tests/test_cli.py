@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kddetr.cli import main
 
@@ -88,6 +89,26 @@ def test_existing_run_needs_resume_and_missing_teacher_is_clear(flow, capsys):
     assert main(["distill", TINY, "--teacher", str(run / "nope"), "--data", str(data), "--out", str(run.parent / "kd")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert not (run.parent / "kd").exists()
+
+
+def test_teacher_set_overrides_the_teachers_config_and_a_bad_key_names_its_file(flow, tmp_path, capsys, monkeypatch):
+    _, data, run = flow
+    out = tmp_path / "kd"
+    args = ["distill", TINY, "--teacher", str(run / "best"), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main([*args, "--teacher-set", "model.hiden_dim=3"]) == 2
+    err = capsys.readouterr().err
+    assert str(run / "best" / "config.yaml") in err and "Did you mean 'hidden_dim'" in err and not out.exists()
+
+    import kddetr.engine.checkpoint as checkpoint
+    teachers = []
+    real_load = checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint",
+                        lambda path, device="cpu", overrides=(): teachers.append(real_load(path, device, overrides))
+                        or teachers[-1])
+    assert main([*args, "--teacher-set", "model.dropout=0.25", "--set", "train.max_steps=1", "--epochs", "1"]) == 0
+    (teacher,) = teachers
+    dropouts = {m.p for m in teacher.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert teacher.config.model.dropout == 0.25 and dropouts == {0.25}
 
 
 def test_resume_before_the_first_checkpoint_starts_the_run_afresh(flow, tmp_path, capsys):

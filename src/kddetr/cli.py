@@ -72,6 +72,8 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     distill = sub.add_parser("distill", help="distil a teacher checkpoint into a student (KD-DETR)")
     _add_run_options(distill)
     distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint directory")
+    distill.add_argument("--teacher-set", dest="teacher_overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override the teacher checkpoint's config, e.g. model.rt_detr.point_content=proposal")
 
     ev = sub.add_parser("eval", help="COCO AP of a checkpoint")
     ev.add_argument("checkpoint", type=Path)
@@ -166,7 +168,8 @@ def cmd_train(args: argparse.Namespace, distill: bool = False) -> None:
     elif args.class_map or args.init_partial:
         raise UserError("--class-map and --init-partial need --init CKPT")
     metrics = run_training(cfg, args.data, args.out, device=args.device, resume=args.resume,
-                           teacher=args.teacher if distill else None, progress=not args.no_progress, init=init)
+                           teacher=args.teacher if distill else None, progress=not args.no_progress, init=init,
+                           teacher_overrides=args.teacher_overrides if distill else ())
     from kddetr.engine.evaluate import print_metrics_table
     if metrics and int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(print_metrics_table(metrics, title=str(args.out)))

@@ -78,12 +78,15 @@ def device_flags(device: str) -> list[str]:
 
 
 def row_recipe(row: Row, config: Path, teacher: Path, data: Path, overrides: Sequence[str],
-               device: str = "cpu") -> dict:
-    """What starts the row's run: its `kddetr` command, config, data, teacher, overrides (seed and variant
-    included) and device. A run, or a committed record, is only taken for the row when its recipe is this one."""
+               device: str = "cpu", teacher_overrides: Sequence[str] = ()) -> dict:
+    """What starts the row's run: its `kddetr` command, config, data, teacher (with `teacher_overrides` when it
+    distils), overrides (seed and variant included) and device. A run, or a committed record, is only taken for the
+    row when its recipe is this one."""
     command, extra = VARIANTS[row.variant]
     seed = [] if row.seed is None else [f"train.seed={row.seed}"]
-    return recipe(command, config, data, teacher, [*overrides, *seed, *extra], device_flags(device))
+    teacher_flags = [flag for item in teacher_overrides for flag in ("--teacher-set", item)]
+    flags = [*device_flags(device), *(teacher_flags if command == "distill" else [])]
+    return recipe(command, config, data, teacher, [*overrides, *seed, *extra], flags)
 
 
 def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], overrides: Sequence[str],
@@ -95,8 +98,9 @@ def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], over
 
 
 def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overrides: Sequence[str],
-            threads: int, device: str = "cpu") -> Path:
-    run = run_recipe(row.slug, row_recipe(row, config, teacher, data, overrides, device), out, threads)
+            threads: int, device: str = "cpu", teacher_overrides: Sequence[str] = ()) -> Path:
+    run = run_recipe(row.slug, row_recipe(row, config, teacher, data, overrides, device, teacher_overrides), out,
+                     threads)
     evaluate_split(run / "last", data, "test", run / "test" / "metrics.json", threads, device)
     return run
 
@@ -259,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where every run trains and evaluates (recorded in each run's recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every run (a teacher trained here included)")
+    p.add_argument("--teacher-set", dest="teacher_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the teacher checkpoint's config where it distils (as `kddetr distill --teacher-set`)")
     return p
 
 
@@ -281,8 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        for split in ("val", "test")}
     manifest = dict(arch=args.arch, schedule=args.schedule, rows=rows, teacher=teacher_metrics,
                     argv=list(argv if argv is not None else sys.argv[1:]))
-    reused = {row: recorded(row, row_recipe(row, config, args.teacher, args.data, overrides, args.device),
-                            args.records)
+    reused = {row: recorded(row, row_recipe(row, config, args.teacher, args.data, overrides, args.device,
+                                            args.teacher_overrides), args.records)
               for row in rows}
     reused = {row: record for row, record in reused.items() if record is not None}
     if reused:
@@ -297,7 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if row in reused:
             record = reused[row]
             return record.test, record.final_val, record.s_per_step
-        run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads, args.device)
+        run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads, args.device,
+                      args.teacher_overrides)
         if args.records:
             records.save_run(run, args.records / row.slug)
         test = run / "test" / "metrics.json"

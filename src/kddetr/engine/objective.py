@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,9 +56,9 @@ class DetectionObjective(nn.Module):
 
 
 def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teacher: Optional[Path],
-                    device: torch.device) -> nn.Module:
-    """The student with its criterion; with a `teacher` checkpoint and a KD method, the distiller around them.
-    `kd.method` is resolved here, once, into the loss terms it adds."""
+                    device: torch.device, teacher_overrides: Sequence[str] = ()) -> nn.Module:
+    """The student with its criterion; with a `teacher` checkpoint (its config overridden by `teacher_overrides`)
+    and a KD method, the distiller around them. `kd.method` is resolved here, once, into the loss terms it adds."""
     from kddetr.engine.checkpoint import load_checkpoint
     from kddetr.kd.distiller import Distiller, KDTerms
     from kddetr.models.build import build_criterion, build_detector
@@ -73,6 +73,6 @@ def build_objective(cfg: Config, num_classes: int, category_ids: list[int], teac
     terms = KDTerms.from_config(cfg.kd, matcher)
     if not terms.needs_teacher:
         return DetectionObjective(student, criterion)
-    ckpt = load_checkpoint(teacher, device)
+    ckpt = load_checkpoint(teacher, device, teacher_overrides)
     ckpt.dataset.check_matches(str(teacher), category_ids)
     return Distiller(student, ckpt.model, criterion, terms)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -29,18 +29,20 @@ def check_device(device: str) -> None:
 
 def run_training(cfg: Config, data_dir: Path, out_dir: Path, device: str = "cpu", resume: bool = False,
                  teacher: Optional[Path] = None, progress: bool = True,
-                 init: Optional[InitRequest] = None) -> dict[str, float]:
-    """Validate everything, then train (`teacher` given: distil). Nothing is written before validation.
+                 init: Optional[InitRequest] = None, teacher_overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Validate everything, then train (`teacher` given: distil, its config with `teacher_overrides` applied).
+    Nothing is written before validation.
 
     Under torchrun each process joins the process group from the environment and trains its share.
     """
     check_device(device)
     with dist.process_group(device) as torch_device:
-        return _train(cfg, data_dir, out_dir, torch_device, resume, teacher, progress, init)
+        return _train(cfg, data_dir, out_dir, torch_device, resume, teacher, progress, init, teacher_overrides)
 
 
 def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.device, resume: bool,
-           teacher: Optional[Path], progress: bool, init: Optional[InitRequest]) -> dict[str, float]:
+           teacher: Optional[Path], progress: bool, init: Optional[InitRequest],
+           teacher_overrides: Sequence[str] = ()) -> dict[str, float]:
     train_set, val_set = load_datasets(cfg, Path(data_dir))
     num_classes = len(train_set.category_ids)
     if cfg.model.num_classes not in (0, num_classes):
@@ -49,7 +51,7 @@ def _train(cfg: Config, data_dir: Path, out_dir: Path, torch_device: torch.devic
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic and torch_device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    objective = build_objective(cfg, num_classes, train_set.category_ids, teacher, torch_device)
+    objective = build_objective(cfg, num_classes, train_set.category_ids, teacher, torch_device, teacher_overrides)
     if dist.is_main_process():
         print(f"{spec(cfg.model.arch).name} with {count_parameters(objective.student) / 1e6:.2f} M parameters "
               f"({count_parameters(objective.student, trainable_only=True) / 1e6:.2f} M trained), "
