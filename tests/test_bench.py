@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kddetr.bench.kd_gain import (ARCHS, VARIANTS, Row, _final, _slug, ensure_teacher, main, row_recipe, run_row,
-                                  table)
+from kddetr.bench.kd_gain import (ARCHS, VARIANTS, Row, _slug, ensure_teacher, main, row_recipe, run_record,
+                                  run_row, table)
 from kddetr.errors import UserError
 from kddetr.config import BackboneConfig
 from kddetr.registry import REGISTRY
@@ -21,10 +21,14 @@ def test_variant_slugs_are_distinct_paths():
 
 
 def test_final_row_is_the_last_evaluated_epoch_not_the_best(tmp_path):
-    rows = [{"epoch": 1, "s_per_step": 0.1, "AP": 9.0}, {"epoch": 2, "s_per_step": 0.1},
-            {"epoch": 3, "s_per_step": 0.1, "AP": 7.0}]
+    rows = [{"epoch": 1, "s_per_step": 0.1, "AP": 9.0}, {"epoch": 2, "s_per_step": 0.3},
+            {"epoch": 3, "s_per_step": 0.2, "AP": 7.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert _final(tmp_path)["AP"] == 7.0
+    record = run_record(Row("student (no KD)", 0), tmp_path)
+    assert record.final_val["AP"] == 7.0 and record.s_per_step == 0.2 and record.test is None
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "metrics.json").write_text(json.dumps({"AP": 5.0}))
+    assert run_record(Row("student (no KD)", 0), tmp_path).test == {"AP": 5.0}
 
 
 def test_table_formats_missing_sizes_as_dash():

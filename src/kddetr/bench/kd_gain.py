@@ -192,16 +192,11 @@ def finished(run: Path) -> bool:
             or 0 < 60 * train.get("max_minutes", 0) <= last.get("time_s", 0))
 
 
-def _final(run: Path) -> dict:
-    rows = read_metrics(run)
-    evaluated = [r for r in rows if "AP" in r]
-    return evaluated[-1] if evaluated else {}
-
-
-def _steps_time(run: Path) -> float:
-    rows = read_metrics(run)
-    times = sorted(r["s_per_step"] for r in rows if "s_per_step" in r)
-    return times[len(times) // 2] if times else float("nan")
+def run_record(row: Row, run: Path) -> records.RunRecord:
+    """A trained run's record, as `records.load_run` reads a committed one: its epochs and its test AP."""
+    test = run / "test" / "metrics.json"
+    return records.RunRecord(row.variant, row.seed, row.slug, read_metrics(run),
+                             json.loads(test.read_text()) if test.is_file() else None)
 
 
 def table(rows: list[tuple[str, dict, float]], teacher_metrics: Optional[dict]) -> str:
@@ -300,15 +295,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def work(row: Row) -> tuple[Optional[dict], dict, float]:
         """The row's (test metrics or None, last evaluated epoch, median s/step): from its record, else trained."""
-        if row in reused:
-            record = reused[row]
-            return record.test, record.final_val, record.s_per_step
-        run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads, args.device,
-                      args.teacher_overrides)
-        if args.records:
-            records.save_run(run, args.records / row.slug)
-        test = run / "test" / "metrics.json"
-        return (json.loads(test.read_text()) if test.is_file() else None), _final(run), _steps_time(run)
+        record = reused.get(row)
+        if record is None:
+            run = run_row(row, config, args.teacher, args.data, args.out, overrides, threads, args.device,
+                          args.teacher_overrides)
+            if args.records:
+                records.save_run(run, args.records / row.slug)
+            record = run_record(row, run)
+        return record.test, record.final_val, record.s_per_step
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         outcomes = list(pool.map(work, rows))
