@@ -66,7 +66,10 @@ class Distiller(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.criterion = criterion
         self.terms = kd if isinstance(kd, KDTerms) else KDTerms.from_config(kd)
-        self.samplers = self.terms.samplers
+
+    @property
+    def samplers(self) -> list[PointSampler]:
+        return self.terms.samplers
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
