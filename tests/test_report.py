@@ -143,7 +143,8 @@ def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp
     rows = plan_rows(["KD-DETR general+specific"], [], [])
     shared = ["--set", "train.epochs=7"]
     for name, extra, ap in (("base", [], 23.0), ("probes/kd_uniform", ["--set", "kd.general_distribution=uniform"],
-                                                  21.0), ("probes/kd_other_teacher", ["--teacher", "t2"], 20.0)):
+                                                  21.0), ("probes/kd_other_teacher", ["--teacher", "t2"], 20.0),
+                          ("probes/kd_teacher_set", ["--teacher-set", "model.dropout=0.2"], 19.0)):
         dest = tmp_path / "records" / name
         records.save_manifest(dest, "dab_detr", "short", rows, TEACHER, ["--demo", *shared, *extra])
         records.save_run(fake_run(tmp_path / name.replace("/", "_"), rows[0].slug, [ap - 2, ap], ap + 1),
@@ -157,6 +158,7 @@ def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp
     assert "| `base` | none beyond the shared ones | KD-DETR general+specific | config | 23.0 | 24.0 | 500 |" in text
     assert "| `kd_uniform` | `kd.general_distribution=uniform` | KD-DETR general+specific | config | 21.0 | 22.0 |" in text
     assert "| `kd_other_teacher` | `--teacher t2` | KD-DETR general+specific | config | 20.0 | 21.0 |" in text
+    assert "| `kd_teacher_set` | `--teacher-set model.dropout=0.2` | KD-DETR general+specific | config | 19.0 |" in text
     assert (tmp_path / "docs" / "results_base_probes_kd.png").stat().st_size > 10_000
     assert report.main([*argv, "--check"]) == 0
     readme.write_text("<!-- results:nothing_* -->\n<!-- /results -->\n")

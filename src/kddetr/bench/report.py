@@ -183,7 +183,7 @@ def compared(name: str, benches: dict[str, Bench | Printed]) -> list[Bench]:
     return found
 
 
-LABEL_FLAGS = ("--set", "--teacher", "--config", "--arch")  # what may tell compared benchmarks apart
+LABEL_FLAGS = ("--set", "--teacher", "--teacher-set", "--config", "--arch")  # what may tell compared benchmarks apart
 
 
 def _labels(command: str) -> list[str]:
