@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from kddetr.config import KDConfig
+from kddetr.errors import UserError
 from torchvision.ops import box_convert
 
 from kddetr.kd.points import (GeneralPoints, NearTeacherPoints, SpecificPoints, build_samplers, load_sampler_states,
@@ -105,3 +107,5 @@ def test_near_teacher_points_lie_around_the_teachers_anchors_and_resume():
     load_sampler_states([fresh], state)
     assert torch.equal(fresh(2, torch.device("cpu"), teacher).anchors, expected)
     assert [type(s) for s in build_samplers(KDConfig(general_distribution="near_teacher"))][0] is NearTeacherPoints
+    with pytest.raises(UserError, match="kd.general_box_noise: must be >= 0"):
+        build_samplers(KDConfig(general_distribution="near_teacher", general_box_noise=-0.5))

@@ -6,6 +6,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from kddetr.config import KDConfig
+from kddetr.errors import UserError
 from kddetr.models.denoising import noise_corners
 from kddetr.models.protocol import Queries
 
@@ -20,12 +21,23 @@ class PointSampler(Protocol):
                  student: Any = None, student_memory: Any = None) -> Queries: ...
 
 
-class GeneralPoints:
+class _Seeded:
+    """Samplers that own a generator, so that runs are reproducible and resumable: its state is saved and restored."""
+
+    generator: torch.Generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class GeneralPoints(_Seeded):
     """K random anchors over the whole image, resampled every step, one set for the whole batch.
 
     `uniform`: centres and sizes uniform in (0, 1) (the paper). `logit_normal`: sigmoid(N(0, 1))
     per coordinate (the released code; boxes cluster at the centre, median w, h = 0.5).
-    The sampler owns its generator so that runs are reproducible and resumable.
     """
 
     name = "general"
@@ -51,14 +63,8 @@ class GeneralPoints:
         anchors = self.sample_anchors().to(device)
         return Queries(anchors=anchors.unsqueeze(0).expand(batch_size, -1, -1))
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class NearTeacherPoints(GeneralPoints):
+class NearTeacherPoints(_Seeded):
     """K points per image around the teacher's own queries: a random query's anchor (drawn with replacement),
     each corner moved by up to `box_noise` x (w/2, h/2) as in DINO's box noise (`general_distribution:
     near_teacher`).
@@ -67,9 +73,13 @@ class NearTeacherPoints(GeneralPoints):
     teacher never decodes; a box near one of its proposals stays close to what it was trained to answer.
     """
 
+    name = "general"
+    needs_student = False
+
     def __init__(self, num_points: int, box_noise: float = 1.0, seed: int = 0) -> None:
+        if box_noise < 0:
+            raise UserError(f"kd.general_box_noise: must be >= 0, got {box_noise}")
         self.num_points = num_points
-        self.distribution = "near_teacher"
         self.box_noise = box_noise
         self.generator = torch.Generator().manual_seed(seed)
 
