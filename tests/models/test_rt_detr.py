@@ -219,6 +219,25 @@ def test_teacher_points_bench_sees_the_gap_that_proposal_content_closes() -> Non
             assert torch.allclose(points.logits, detections.logits, atol=1e-6) is same
 
 
+def test_near_teacher_points_lie_around_each_images_selected_proposals_in_a_distillation_step() -> None:
+    from kddetr.config import KDConfig
+    from kddetr.kd.distiller import Distiller
+
+    teacher, student = tiny_model(point_content="proposal"), tiny_model(point_content="proposal", hidden_dim=16)
+    kd = KDConfig(general_points=40, general_distribution="near_teacher", general_box_noise=0.2)
+    distiller = Distiller(student, teacher, build_criterion(tiny_config(hidden_dim=16), CLASSES), kd).train()
+    groups, _, _ = distiller._teacher_side(image_batch())
+    general, specific = groups
+    assert general.anchors.shape == (2, 40, 4)
+    for image in range(2):  # each point overlaps one of its own image's selected proposals
+        overlap = box_iou(general.anchors[image], specific.anchors[image], fmt="cxcywh")
+        assert (overlap.max(-1).values > 0.4).all()
+    assert not torch.equal(general.anchors[0], general.anchors[1])
+    _, losses = distiller(image_batch(), TARGETS)
+    sum(losses.values()).backward()
+    assert "general/kd_giou" in losses and all(torch.isfinite(v) for v in losses.values())
+
+
 @pytest.mark.parametrize("point_content", ["memory", "zeros", "proposal"])
 @pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_distillation_groups_are_isolated(point_content: str, isolation: str) -> None:
