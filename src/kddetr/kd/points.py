@@ -88,7 +88,6 @@ class NearTeacherPoints(_Seeded):
         if teacher is None:
             raise ValueError("kd.general_distribution=near_teacher: the caller must pass the teacher")
         anchors = teacher.learned_queries(batch_size, memory=teacher_memory).anchors.detach().float().cpu()
-        anchors = anchors.expand(batch_size, -1, -1)
         picks = torch.randint(anchors.shape[1], (batch_size, self.num_points), generator=self.generator)
         centres = torch.gather(anchors, 1, picks[..., None].expand(-1, -1, 4))
         noised = noise_corners(centres, self.box_noise, self.generator)
