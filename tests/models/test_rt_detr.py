@@ -238,6 +238,23 @@ def test_near_teacher_points_lie_around_each_images_selected_proposals_in_a_dist
     assert "general/kd_giou" in losses and all(torch.isfinite(v) for v in losses.values())
 
 
+def test_student_proposals_with_proposal_content_distil_the_students_own_detections() -> None:
+    from kddetr.config import KDConfig
+    from kddetr.kd.distiller import Distiller
+
+    teacher, student = tiny_model(point_content="proposal"), tiny_model(point_content="proposal", hidden_dim=16)
+    nn.init.normal_(student.enc_bbox_head.layers[-1].weight, std=0.1)  # proposals off their cells' anchors
+    kd = KDConfig(general_points=0, student_proposals=True)
+    distiller = Distiller(student, teacher, build_criterion(tiny_config(hidden_dim=16), CLASSES), kd).eval()
+    outputs, losses = distiller(image_batch(), TARGETS)
+    assert [s.name for s in distiller.samplers] == ["specific", "proposals"]
+    specific, proposals = outputs.extra
+    assert_same(proposals, outputs, atol=1e-6)  # the student's points are its detection queries
+    assert not torch.allclose(specific.boxes, outputs.boxes)  # the teacher's are not
+    losses["proposals/kd_cls"].backward()
+    assert student.class_embed[-1].weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("point_content", ["memory", "zeros", "proposal"])
 @pytest.mark.parametrize("isolation", ["separate", "batch"])
 def test_distillation_groups_are_isolated(point_content: str, isolation: str) -> None:
