@@ -171,6 +171,9 @@ class KDConfig:
     # also weight each point by the IoU of its anchor with the teacher's final box there: trust the teacher only
     # where its answer is about the given box (students that predict inside the box only, e.g. an RoI head)
     locality_reweight: bool = False
+    # `bce` only: the teacher's probabilities times the IoU of the student's box with the teacher's at each point,
+    # the way varifocal loss scores a match by its IoU (for students whose scores rank their own boxes, e.g. RT-DETR)
+    cls_iou_target: bool = False
 
 
 @dataclass
@@ -326,6 +329,8 @@ def validate(obj: Any, where: str = "config") -> None:
         raise UserError(f"{where}.hidden_dim: {obj.hidden_dim} is not divisible by num_heads={obj.num_heads}")
     if isinstance(obj, ModelConfig) and obj.num_select < 0:
         raise UserError(f"{where}.num_select: must be >= 0 (0: the architecture's default), got {obj.num_select}")
+    if isinstance(obj, KDConfig) and obj.cls_iou_target and obj.cls_loss != "bce":
+        raise UserError(f"{where}.cls_iou_target: needs cls_loss: bce, got cls_loss: {obj.cls_loss}")
     if isinstance(obj, BackboneConfig) and not 1 <= obj.num_stages <= 4:
         raise UserError(f"{where}.num_stages: must be 1..4, got {obj.num_stages}")
 

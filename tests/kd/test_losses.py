@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from kddetr.config import KDConfig
-from kddetr.kd.losses import (DistillationLoss, anchor_locality, box_kd_losses, class_kd_loss,
-                              teacher_confidence, teacher_layer_for)
+from kddetr.kd.losses import (DistillationLoss, box_kd_losses, class_kd_loss, paired_iou, teacher_confidence,
+                              teacher_layer_for)
 from kddetr.models.protocol import DecoderOutput
 
 
@@ -46,6 +46,38 @@ def test_class_bce_is_binary_kl_by_hand():
         kl += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
     got = class_kd_loss(s, t, torch.ones(1), "bce")
     assert got.item() == pytest.approx(kl / 2, rel=1e-5)
+
+
+def test_class_bce_scaled_targets_by_hand():
+    """The teacher's probabilities times the point's scale are the targets; the loss is 0 where they are met."""
+    s, t = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 1.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    targets = [0.5 * sig(b) for b in t[0].tolist()]
+    kl = sum(p * math.log(p / sig(a)) + (1 - p) * math.log((1 - p) / (1 - sig(a)))
+             for a, p in zip(s[0].tolist(), targets))
+    got = class_kd_loss(s, t, torch.ones(1), "bce", target_scale=torch.tensor([0.5]))
+    assert got.item() == pytest.approx(kl / 2, rel=1e-5)
+    met = torch.logit(torch.tensor([targets]))
+    assert class_kd_loss(met, t, torch.ones(1), "bce", target_scale=torch.tensor([0.5])).item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="bce"):
+        class_kd_loss(s, t, torch.ones(1), "kl", target_scale=torch.tensor([0.5]))
+
+
+def test_iou_target_scales_the_teacher_scores_by_the_students_box():
+    """Same boxes: plain bce KD. A student box off the teacher's: every target is 0 (the student should not be
+    confident about a box that misses the teacher's)."""
+    s, t = _outputs(1, K=3, seed=20), _outputs(1, K=3, seed=21)
+    s.boxes.copy_(t.boxes)
+    plain = DistillationLoss(KDConfig(cls_loss="bce"))(s, t)["kd_cls"]
+    iou_aware = DistillationLoss(KDConfig(cls_loss="bce", cls_iou_target=True))(s, t)["kd_cls"]
+    assert iou_aware.item() == pytest.approx(plain.item(), rel=1e-4)
+    t.boxes[:] = torch.tensor([0.25, 0.25, 0.2, 0.2])
+    s.boxes[:] = torch.tensor([0.75, 0.75, 0.2, 0.2])
+    away = DistillationLoss(KDConfig(cls_loss="bce", cls_iou_target=True))(s, t)["kd_cls"]
+    weights = teacher_confidence(t.logits[-1])
+    q = s.logits[-1].sigmoid()
+    expected = (-(1 - q).log().mean(-1) * weights).sum()
+    assert away.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_box_losses_by_hand():
@@ -115,10 +147,10 @@ def test_point_mask_excludes_points():
         assert masked[k].item() == pytest.approx(cut[k].item(), rel=1e-5)
 
 
-def test_anchor_locality_is_iou_of_anchor_and_teacher_box():
+def test_paired_iou_is_the_iou_of_boxes_at_the_same_place():
     anchors = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])
     teacher = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.55, 0.5, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]]])
-    iou = anchor_locality(anchors, teacher)
+    iou = paired_iou(anchors, teacher)
     torch.testing.assert_close(iou, torch.tensor([[1.0, 0.15 / 0.25, 0.0]]))  # shifted by a quarter of its width
 
 

@@ -7,12 +7,13 @@ from torch import nn
 from torchvision.ops import box_convert, box_iou
 
 from kddetr.bench.teacher_points import AsPoints
-from kddetr.config import BackboneConfig, DenoisingConfig, ModelConfig
+from kddetr.config import BackboneConfig, DenoisingConfig, KDConfig, ModelConfig
 from kddetr.errors import UserError
+from kddetr.kd.distiller import Distiller
 from kddetr.models.build import build_criterion, build_detector
 from kddetr.models.criterion import varifocal_loss
 from kddetr.models.ms_deform_attn import deformable_sample
-from kddetr.models.protocol import Detector, ImageBatch, Queries
+from kddetr.models.protocol import Detector, DetectorOutput, ImageBatch, Queries
 from kddetr.models.rt_detr import RTDETR
 
 from . import assert_groups_isolated, extra_groups, image_batch, paint_boxes, train_totals
@@ -219,13 +220,16 @@ def test_teacher_points_bench_sees_the_gap_that_proposal_content_closes() -> Non
             assert torch.allclose(points.logits, detections.logits, atol=1e-6) is same
 
 
-def test_near_teacher_points_lie_around_each_images_selected_proposals_in_a_distillation_step() -> None:
-    from kddetr.config import KDConfig
-    from kddetr.kd.distiller import Distiller
+def proposal_content_distiller(kd: KDConfig, student: RTDETR | None = None) -> Distiller:
+    """A small `proposal`-content student under a larger teacher of the same content."""
+    student = student or tiny_model(point_content="proposal", hidden_dim=16)
+    teacher = tiny_model(point_content="proposal")
+    return Distiller(student, teacher, build_criterion(tiny_config(hidden_dim=16), CLASSES), kd)
 
-    teacher, student = tiny_model(point_content="proposal"), tiny_model(point_content="proposal", hidden_dim=16)
+
+def test_near_teacher_points_lie_around_each_images_selected_proposals_in_a_distillation_step() -> None:
     kd = KDConfig(general_points=40, general_distribution="near_teacher", general_box_noise=0.2)
-    distiller = Distiller(student, teacher, build_criterion(tiny_config(hidden_dim=16), CLASSES), kd).train()
+    distiller = proposal_content_distiller(kd).train()
     groups, _, _ = distiller._teacher_side(image_batch())
     general, specific = groups
     assert general.anchors.shape == (2, 40, 4)
@@ -239,13 +243,9 @@ def test_near_teacher_points_lie_around_each_images_selected_proposals_in_a_dist
 
 
 def test_student_proposals_with_proposal_content_distil_the_students_own_detections() -> None:
-    from kddetr.config import KDConfig
-    from kddetr.kd.distiller import Distiller
-
-    teacher, student = tiny_model(point_content="proposal"), tiny_model(point_content="proposal", hidden_dim=16)
+    student = tiny_model(point_content="proposal", hidden_dim=16)
     nn.init.normal_(student.enc_bbox_head.layers[-1].weight, std=0.1)  # proposals off their cells' anchors
-    kd = KDConfig(general_points=0, student_proposals=True)
-    distiller = Distiller(student, teacher, build_criterion(tiny_config(hidden_dim=16), CLASSES), kd).eval()
+    distiller = proposal_content_distiller(KDConfig(general_points=0, student_proposals=True), student).eval()
     outputs, losses = distiller(image_batch(), TARGETS)
     assert [s.name for s in distiller.samplers] == ["specific", "proposals"]
     specific, proposals = outputs.extra
@@ -348,7 +348,6 @@ def test_criterion_scores_classes_by_the_matched_iou() -> None:
     boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.3], [0.5, 0.5, 0.2, 0.2]]])
     logits = torch.tensor([[[2.0, -1.0, -3.0], [-1.0, -2.0, 0.5]]])
     target = [{"boxes": torch.tensor([[0.32, 0.3, 0.2, 0.25]]), "labels": torch.tensor([0])}]
-    from kddetr.models.protocol import DetectorOutput
     losses = criterion(DetectorOutput(logits[None], boxes[None]), target)
     iou = box_iou(box_convert(boxes[0, :1], "cxcywh", "xyxy"), box_convert(target[0]["boxes"], "cxcywh", "xyxy"))[0, 0]
     score = torch.zeros(1, 2, 3)

@@ -23,7 +23,8 @@ def _reduce(per_point: Tensor, weights: Tensor, normalize: bool) -> Tensor:
 
 
 def class_kd_loss(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, kind: str = "kl",
-                  temperature: float = 10.0, normalize: bool = False, background: bool = False) -> Tensor:
+                  temperature: float = 10.0, normalize: bool = False, background: bool = False,
+                  target_scale: Optional[Tensor] = None) -> Tensor:
     """Class distillation over points `[..., C]`.
 
     `kl`: KL(softmax(t/T) || softmax(s/T)) averaged over classes, times T², as in the released code.
@@ -32,6 +33,7 @@ def class_kd_loss(student_logits: Tensor, teacher_logits: Tensor, weights: Tenso
     weighted mean when `normalize`. `background` (kl only): both logits are read as log-odds against
     background and a zero background logit joins the softmax (C + 1 classes), so that a softmax student
     with background (Faster R-CNN) and a sigmoid teacher compare full distributions, objectness included.
+    `target_scale` (bce only, per point, detached): multiplies the teacher's probabilities.
     """
     teacher_logits = teacher_logits.detach().float()
     student_logits = student_logits.float()
@@ -43,11 +45,15 @@ def class_kd_loss(student_logits: Tensor, teacher_logits: Tensor, weights: Tenso
         per_point = (log_p_t.exp() * (log_p_t - log_p_s)).mean(-1) * temperature**2
     elif kind == "bce":
         p_t = teacher_logits.sigmoid()
+        if target_scale is not None:
+            p_t = p_t * target_scale.detach().float()[..., None]
         cross = F.binary_cross_entropy_with_logits(student_logits, p_t, reduction="none")
-        entropy = F.binary_cross_entropy_with_logits(teacher_logits, p_t, reduction="none")
+        entropy = F.binary_cross_entropy(p_t, p_t, reduction="none")
         per_point = (cross - entropy).mean(-1)
     else:
         raise ValueError(f"unknown class KD loss {kind!r}")
+    if target_scale is not None and kind != "bce":
+        raise ValueError("target_scale needs the bce class KD loss")
     return _reduce(per_point, weights, normalize)
 
 
@@ -61,10 +67,10 @@ def box_kd_losses(student_boxes: Tensor, teacher_boxes: Tensor, weights: Tensor)
     return _reduce(l1, weights, True), _reduce(giou, weights, True)
 
 
-def anchor_locality(anchors: Tensor, teacher_boxes: Tensor) -> Tensor:
-    """IoU `[B, K]` of each point's anchor with the teacher's box for it (both cxcywh), detached."""
-    a = box_convert(anchors.detach().float(), "cxcywh", "xyxy")
-    b = box_convert(teacher_boxes.detach().float(), "cxcywh", "xyxy")
+def paired_iou(boxes: Tensor, other: Tensor) -> Tensor:
+    """IoU `[...]` of each box with the box at the same place in `other` (both cxcywh `[..., 4]`), detached."""
+    a = box_convert(boxes.detach().float(), "cxcywh", "xyxy")
+    b = box_convert(other.detach().float(), "cxcywh", "xyxy")
     lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
@@ -95,8 +101,9 @@ class DistillationLoss(nn.Module):
             weights = weights * point_mask
         if locality is not None:
             weights = weights * locality
+        iou_target = paired_iou(s_boxes, t_boxes) if cfg.cls_iou_target else None
         cls = class_kd_loss(s_logits, t_logits, weights, cfg.cls_loss, cfg.temperature, cfg.cls_normalize,
-                            cfg.cls_background)
+                            cfg.cls_background, iou_target)
         l1, giou = box_kd_losses(s_boxes, t_boxes, weights)
         return {"kd_cls": cfg.cls_weight * cls, "kd_bbox": cfg.bbox_weight * l1, "kd_giou": cfg.giou_weight * giou}
 
@@ -108,7 +115,7 @@ class DistillationLoss(nn.Module):
         if self.cfg.locality_reweight:
             if anchors is None:
                 raise ValueError("kd.locality_reweight needs the points' anchors")
-            locality = anchor_locality(anchors, teacher.boxes[-1])
+            locality = paired_iou(anchors, teacher.boxes[-1])  # the teacher's answer is about the given box
         losses: dict[str, Tensor] = {}
         for layer in range(num_s):
             t = teacher_layer_for(layer, num_s, num_t, self.cfg.layer_mode)
