@@ -35,6 +35,8 @@ def class_kd_loss(student_logits: Tensor, teacher_logits: Tensor, weights: Tenso
     with background (Faster R-CNN) and a sigmoid teacher compare full distributions, objectness included.
     `target_scale` (bce only, per point, detached): multiplies the teacher's probabilities.
     """
+    if target_scale is not None and kind != "bce":
+        raise ValueError("target_scale needs the bce class KD loss")
     teacher_logits = teacher_logits.detach().float()
     student_logits = student_logits.float()
     if kind == "kl":
@@ -52,8 +54,6 @@ def class_kd_loss(student_logits: Tensor, teacher_logits: Tensor, weights: Tenso
         per_point = (cross - entropy).mean(-1)
     else:
         raise ValueError(f"unknown class KD loss {kind!r}")
-    if target_scale is not None and kind != "bce":
-        raise ValueError("target_scale needs the bce class KD loss")
     return _reduce(per_point, weights, normalize)
 
 
