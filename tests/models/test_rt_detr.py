@@ -222,7 +222,7 @@ def test_teacher_points_bench_sees_the_gap_that_proposal_content_closes() -> Non
 
 def proposal_content_distiller(kd: KDConfig, student: RTDETR | None = None) -> Distiller:
     """A small `proposal`-content student under a larger teacher of the same content."""
-    student = student or tiny_model(point_content="proposal", hidden_dim=16)
+    student = tiny_model(point_content="proposal", hidden_dim=16) if student is None else student
     teacher = tiny_model(point_content="proposal")
     return Distiller(student, teacher, build_criterion(tiny_config(hidden_dim=16), CLASSES), kd)
 
