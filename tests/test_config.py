@@ -60,6 +60,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("model.dab_detr.two_stage=true", "config.model.dab_detr: unknown key 'two_stage'"),
     ("model.two_stage=true", "model.two_stage: an option of deformable_detr"),
     ("kd.cls_iou_target=true", "kd.cls_iou_target: needs cls_loss: bce, got cls_loss: kl"),
+    ("kd.fade_steps=-1", "kd.fade_steps: must be >= 0"),
 ])
 def test_bad_values_raise_one_clear_error(override, fragment):
     with pytest.raises(UserError, match=fragment):

@@ -174,6 +174,9 @@ class KDConfig:
     # `bce` only: the teacher's probabilities times the IoU of the student's box with the teacher's at each point,
     # the way varifocal loss scores a match by its IoU (for students whose scores rank their own boxes, e.g. RT-DETR)
     cls_iou_target: bool = False
+    # training steps over which every KD loss weight falls from 1 to 0 (a half cosine), after which the teacher is
+    # no longer run and the student trains alone; 0: constant weights (the paper)
+    fade_steps: int = 0
 
 
 @dataclass
@@ -331,6 +334,8 @@ def validate(obj: Any, where: str = "config") -> None:
         raise UserError(f"{where}.num_select: must be >= 0 (0: the architecture's default), got {obj.num_select}")
     if isinstance(obj, KDConfig) and obj.cls_iou_target and obj.cls_loss != "bce":
         raise UserError(f"{where}.cls_iou_target: needs cls_loss: bce, got cls_loss: {obj.cls_loss}")
+    if isinstance(obj, KDConfig) and obj.fade_steps < 0:
+        raise UserError(f"{where}.fade_steps: must be >= 0 (0: no fade), got {obj.fade_steps}")
     if isinstance(obj, BackboneConfig) and not 1 <= obj.num_stages <= 4:
         raise UserError(f"{where}.num_stages: must be 1..4, got {obj.num_stages}")
 

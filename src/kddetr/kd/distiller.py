@@ -1,6 +1,7 @@
 """The distiller: a frozen teacher, a student, shared distillation points, detection + KD losses."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -25,6 +26,7 @@ class KDTerms:
     point_loss: Optional[DistillationLoss] = None
     hungarian: Optional[HungarianKD] = None  # the inconsistent-points baseline, on the detection queries
     group_weights: dict[str, float] = field(default_factory=dict)  # a point group's KD losses x this (default 1)
+    fade_steps: int = 0  # training steps over which every KD weight falls to 0 (0: constant)
 
     @classmethod
     def from_config(cls, cfg: KDConfig, matcher: Optional[Matcher] = None) -> "KDTerms":
@@ -32,13 +34,19 @@ class KDTerms:
         student's); `none`: nothing to distil."""
         if cfg.method == "kd_detr":
             return cls(samplers=build_samplers(cfg), point_loss=DistillationLoss(cfg),
-                       group_weights={"general": cfg.general_weight})
+                       group_weights={"general": cfg.general_weight}, fade_steps=cfg.fade_steps)
         if cfg.method == "hungarian":
             if matcher is None:
                 raise UserError("kd.method: hungarian pairs set predictions through their matches to the ground "
                                 "truth; this student makes none (use kd_detr)")
-            return cls(hungarian=HungarianKD(matcher, cfg.temperature))
+            return cls(hungarian=HungarianKD(matcher, cfg.temperature), fade_steps=cfg.fade_steps)
         return cls()
+
+    def fade(self, step: int) -> float:
+        """The factor on every KD loss at training step `step`: a half cosine from 1 to 0 over `fade_steps`."""
+        if not self.fade_steps:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.fade_steps) / self.fade_steps))
 
     @property
     def needs_teacher(self) -> bool:
@@ -51,7 +59,8 @@ class Distiller(nn.Module):
     KD-DETR, per step: sample the distillation points (one set per batch), decode them with the teacher (eval
     mode, no grad), decode them with the student beside its detection queries (isolated groups), then the
     detection loss on the detection queries and the KD loss on every group. Only the detector protocol is used;
-    `student` is the module to optimise and save. Autocast, if any, is the caller's (the trainer's).
+    `student` is the module to optimise and save. Autocast, if any, is the caller's (the trainer's). Training-mode
+    calls are counted as steps (checkpointed) for `kd.fade_steps`; once faded out, the student trains alone.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, criterion: Callable[..., LossDict],
@@ -66,6 +75,7 @@ class Distiller(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.criterion = criterion
         self.terms = kd if isinstance(kd, KDTerms) else KDTerms.from_config(kd)
+        self.steps_taken = 0
 
     @property
     def samplers(self) -> list[PointSampler]:
@@ -77,16 +87,22 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, images: ImageBatch, targets: list[dict[str, Tensor]]) -> tuple[DetectorOutput, LossDict]:
+        fade = self.terms.fade(self.steps_taken)
+        if self.training:
+            self.steps_taken += 1
+        if fade == 0.0:
+            outputs = self.student(images, targets)
+            return outputs, dict(self.criterion(outputs, targets))
         groups, teacher_groups, teacher_detections = self._teacher_side(images)
         outputs = self.student(images, targets, extra_queries=groups or None)
         losses = dict(self.criterion(outputs, targets))
         for sampler, group, student_out, teacher_out in zip(self.samplers, groups, outputs.extra, teacher_groups):
-            weight = self.terms.group_weights.get(sampler.name, 1.0)
+            weight = fade * self.terms.group_weights.get(sampler.name, 1.0)
             for key, value in self.terms.point_loss(student_out, teacher_out, anchors=group.anchors).items():
                 losses[f"{sampler.name}/{key}"] = weight * value
         if self.terms.hungarian is not None:
             for key, value in self.terms.hungarian(outputs, teacher_detections, targets).items():
-                losses[f"hungarian/{key}"] = value
+                losses[f"hungarian/{key}"] = fade * value
         return outputs, losses
 
     @torch.no_grad()
@@ -105,10 +121,11 @@ class Distiller(nn.Module):
         return groups, teacher_groups, detections
 
     def extra_state(self) -> dict[str, Any]:
-        return {"samplers": sampler_states(self.samplers)}
+        return {"samplers": sampler_states(self.samplers), "steps_taken": self.steps_taken}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         load_sampler_states(self.samplers, state.get("samplers"))
+        self.steps_taken = state.get("steps_taken", 0)
 
 
 def _as_float(out: DecoderOutput) -> DecoderOutput:
