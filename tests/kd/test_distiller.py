@@ -1,4 +1,5 @@
 """The distiller with real (tiny) DAB-DETRs: isolation, frozen teacher, and that KD moves the student."""
+import math
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,45 @@ def test_general_weight_scales_the_general_group_only():
         scale = 0.25 if key.startswith("general/") else 1.0
         assert torch.allclose(losses[0.25][key], scale * value, rtol=1e-5, atol=1e-7), key
     assert any(k.startswith("general/") for k in losses[1.0]) and any(k.startswith("specific/") for k in losses[1.0])
+
+
+def test_fade_scales_every_kd_term_then_stops_the_teacher(monkeypatch):
+    """kd.fade_steps: at step k every KD term is the constant-weight one x (1 + cos(pi k / N)) / 2, the detection
+    loss unchanged; from step N the teacher is not run and only the detection loss remains."""
+    teacher, student, cfg = _models()
+    images, targets = _batch()
+    criterion = build_criterion(cfg, NUM_CLASSES)
+    constant = Distiller(student, teacher, criterion, KDConfig(general_points=20)).eval()
+    faded = Distiller(student, teacher, criterion, KDConfig(general_points=20, fade_steps=4)).eval()
+    start = constant.extra_state()
+    with torch.no_grad():
+        reference = constant(images, targets)[1]
+        for step, factor in ((0, 1.0), (1, 0.5 * (1 + 2 ** -0.5)), (2, 0.5)):
+            faded.load_extra_state(start | {"steps_taken": step})  # the same points at each step
+            losses = faded(images, targets)[1]
+            assert losses.keys() == reference.keys()
+            for key, value in reference.items():
+                scale = factor if key.startswith(("general/", "specific/")) else 1.0
+                assert torch.allclose(losses[key], scale * value, rtol=1e-5, atol=1e-7), (step, key)
+        monkeypatch.setattr(teacher, "encode", lambda *a: pytest.fail("the teacher ran after the fade"))
+        faded.steps_taken = 4
+        losses = faded(images, targets)[1]
+    assert set(losses) == {k for k in reference if "/" not in k}
+    for key, value in losses.items():
+        assert torch.allclose(value, reference[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_training_steps_are_counted_and_checkpointed():
+    teacher, student, cfg = _models()
+    kd_cfg = KDConfig(general_points=4, fade_steps=10)
+    distiller = Distiller(student, teacher, build_criterion(cfg, NUM_CLASSES), kd_cfg)
+    images, targets = _batch()
+    distiller.train()
+    for _ in range(2):
+        distiller(images, targets)
+    with torch.no_grad():
+        distiller.eval()(images, targets)  # evaluation is not a training step
+    resumed = Distiller(student, teacher, build_criterion(cfg, NUM_CLASSES), kd_cfg)
+    resumed.load_extra_state(distiller.extra_state())
+    assert distiller.steps_taken == resumed.steps_taken == 2
+    assert resumed.terms.fade(resumed.steps_taken) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
