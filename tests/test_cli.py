@@ -152,3 +152,32 @@ def test_bench_teacher_points_prints_and_records_the_gap(flow, capsys):
     assert saved["command"].startswith("kddetr bench teacher-points ") and row in saved["output"]
     assert main(["bench", "teacher-points", str(run / "last"), "--data", str(data), "--set", "model.no_such=1"]) == 2
     assert "no_such" in capsys.readouterr().err
+
+
+def _gradient_rows(printed: str) -> dict[str, list[float]]:
+    rows = [line.strip("|").split("|") for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [float(c) for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_bench_kd_gradients_measures_the_kd_share_of_the_gradient(flow, capsys):
+    """The same batches and points with every KD weight halved: the KD gradient halves, the detection gradient
+    and the cosine stay; the table has the student's parts and `all`, and is recorded."""
+    root, data, run = flow
+    tiny = str(Path(__file__).parent / "fixtures" / "tiny.yaml")
+    command = ["bench", "kd-gradients", tiny, "--teacher", str(run / "last"), "--data", str(data), "--batches", "2",
+               "--set", "kd.general_points=8"]
+    records = root / "kd_gradients"
+    assert main(command + ["--records", str(records)]) == 0
+    full = _gradient_rows(capsys.readouterr().out)
+    halved_weights = ["--set", "kd.cls_weight=0.5", "--set", "kd.bbox_weight=2.5", "--set", "kd.giou_weight=1.0"]
+    assert main(command + halved_weights) == 0
+    half = _gradient_rows(capsys.readouterr().out)
+    assert {"backbone", "all"} <= set(full) and list(full)[-1] == "all" and full["all"][1] > 0
+    for part, (det, kd, ratio, cosine) in full.items():
+        assert det > 0 and ratio == pytest.approx(kd / det, rel=0.02, abs=0.01) and -1 <= cosine <= 1
+        assert half[part][0] == pytest.approx(det, rel=2e-3) and half[part][1] == pytest.approx(kd / 2, rel=2e-3)
+        assert half[part][3] == pytest.approx(cosine, abs=0.011)
+    saved = json.loads((records / "output.json").read_text())
+    assert saved["command"].startswith("kddetr bench kd-gradients ") and "| all |" in saved["output"]
+    assert main(command + ["--set", "kd.method=none"]) == 2
+    assert "no KD loss" in capsys.readouterr().err

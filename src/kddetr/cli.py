@@ -110,9 +110,10 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), finetune (--init against none), speed (KD overhead, vs HF, inference, "
                                          "memory, scaling tables), report (README tables from committed records), "
                                          "gpu-check (is the CUDA path sound), coco-scale (COCO-sized annotations), "
-                                         "teacher-points (a teacher's AP at distillation points)")
+                                         "teacher-points (a teacher's AP at distillation points), "
+                                         "kd-gradients (the KD gradient beside the detection one)")
     bench.add_argument("name", choices=["kd", "finetune", "speed", "report", "gpu-check", "coco-scale",
-                                        "teacher-points"])
+                                        "teacher-points", "kd-gradients"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark (see --help)")
 
     pl = sub.add_parser("plot", help="loss and AP curves of one or more runs")
@@ -202,9 +203,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from kddetr.bench import coco_scale, finetune, gpu_check, kd_gain, report, speed, teacher_points
+    from kddetr.bench import coco_scale, finetune, gpu_check, kd_gain, kd_gradients, report, speed, teacher_points
     benches = {"kd": kd_gain, "finetune": finetune, "speed": speed, "report": report, "gpu-check": gpu_check,
-               "coco-scale": coco_scale, "teacher-points": teacher_points}
+               "coco-scale": coco_scale, "teacher-points": teacher_points, "kd-gradients": kd_gradients}
     code = benches[args.name].main(args.bench_args)
     if code:
         raise SystemExit(code)
