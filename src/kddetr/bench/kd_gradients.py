@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from kddetr.bench.records import print_and_record
 
 from kddetr.errors import UserError
 
@@ -96,12 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "|---|---:|---:|---:|---:|"]
     for part, det, kd, cosine in gradient_table(objective, batches):
         lines.append(f"| {part} | {det:.4g} | {kd:.4g} | {kd / det if det else float('inf'):.2f} | {cosine:+.2f} |")
-    output = "\n".join(lines)
-    print(output)
-    if args.records:
-        from kddetr.bench.records import save_output
-        save_output(args.records, "kddetr bench kd-gradients " + shlex.join(argv if argv is not None
-                                                                             else sys.argv[1:]), output)
+    print_and_record("kd-gradients", argv, "\n".join(lines), args.records)
     return 0
 
 

@@ -48,6 +48,14 @@ def save_output(root: Path, command: str, output: str) -> None:
     _write(root / OUTPUT, json.dumps({"command": command, "output": output}, indent=1) + "\n")
 
 
+def print_and_record(bench: str, argv: Optional[Sequence[str]], output: str, records: Optional[Path]) -> None:
+    """Print a printing benchmark's tables and, with `records`, save them with its command line."""
+    import sys
+    print(output)
+    if records:
+        save_output(records, f"kddetr bench {bench} " + shlex.join(argv if argv is not None else sys.argv[1:]), output)
+
+
 @dataclass
 class Printed:
     """A printing benchmark's record: the command and what it printed."""

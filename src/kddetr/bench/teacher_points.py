@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from kddetr.bench.records import print_and_record
 
 from kddetr.engine.evaluate import evaluate
 from kddetr.models.protocol import DetectorOutput, ImageBatch, Queries
@@ -66,12 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             points = evaluate(AsPoints(ckpt.model), loader, dataset, args.device, top_k, progress=False)[0]["AP"]
         lines.append(f"| `{path}` | {detections:.1f} | {points:.1f} | {points - detections:+.1f} |")
         print(lines[-1], flush=True)
-    output = "\n".join(lines)
-    print(output)
-    if args.records:
-        from kddetr.bench.records import save_output
-        save_output(args.records, "kddetr bench teacher-points " + shlex.join(argv if argv is not None
-                                                                               else sys.argv[1:]), output)
+    print_and_record("teacher-points", argv, "\n".join(lines), args.records)
     return 0
 
 
