@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from kddetr.bench.records import print_and_record
-
 from kddetr.errors import UserError
 
 

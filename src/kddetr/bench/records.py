@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shlex
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -50,7 +51,6 @@ def save_output(root: Path, command: str, output: str) -> None:
 
 def print_and_record(bench: str, argv: Optional[Sequence[str]], output: str, records: Optional[Path]) -> None:
     """Print a printing benchmark's tables and, with `records`, save them with its command line."""
-    import sys
     print(output)
     if records:
         save_output(records, f"kddetr bench {bench} " + shlex.join(argv if argv is not None else sys.argv[1:]), output)
