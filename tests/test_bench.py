@@ -9,7 +9,7 @@ import pytest
 from kddetr.bench.kd_gain import (ARCHS, VARIANTS, Row, _slug, ensure_teacher, main, row_recipe, run_record,
                                   run_row, table)
 from kddetr.errors import UserError
-from kddetr.config import BackboneConfig
+from kddetr.config import BackboneConfig, load_config, save_config
 from kddetr.registry import REGISTRY
 
 
@@ -72,8 +72,10 @@ def fake_runs(monkeypatch):
             run.write_text(json.dumps({"AP": 3.0, "AP50": 9.0}))
             return
         (run / "last").mkdir(parents=True)
-        (run / "config.yaml").write_text("train: {epochs: 1}\n")
-        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 5, "AP": 1.0}) + "\n")
+        overrides = [args[i + 1] for i, flag in enumerate(args) if flag == "--set"]
+        cfg = load_config(args[4], overrides)  # the config `kddetr train|distill` would save
+        save_config(cfg, run / "config.yaml")
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": cfg.train.epochs, "step": 5, "AP": 1.0}) + "\n")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     return calls
@@ -132,6 +134,26 @@ def test_rows_with_committed_records_are_not_trained_again(tmp_path, fake_runs, 
     assert main([*argv, "--out", str(tmp_path / "other_lr"), "--set", "train.lr=1e-3"]) == 0
     assert [a[3] for a in fake_runs if a[3] in ("train", "distill")] == ["train", "distill"]
     assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
+
+
+def test_a_record_is_trained_again_when_its_config_file_changed(tmp_path, fake_runs, monkeypatch, capsys):
+    """Same command, but the config file it names now says something else: the record is stale, not reused."""
+    monkeypatch.chdir(REPO)
+    data, records_dir, config = tmp_path / "data", tmp_path / "records", tmp_path / "student.yaml"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_test.json").write_text("{}")
+    config.write_text(Path("configs/embedded_student.yaml").read_text())
+    argv = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--records", str(records_dir), "--jobs",
+            "1", "--threads", "1", "--variants", "student (no KD)", "--config", str(config)]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    fake_runs.clear()
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    assert [a for a in fake_runs if a[3] == "train"] == []
+
+    config.write_text(config.read_text().replace("lr: 2.0e-4", "lr: 3.0e-4", 1))
+    assert main([*argv, "--out", str(tmp_path / "edited")]) == 0
+    assert [a[3] for a in fake_runs if a[3] == "train"] == ["train"]
+    assert "train.lr: 0.0002 -> 0.0003" in capsys.readouterr().out
 
 
 def test_device_reaches_every_command_and_the_recipe_but_cpu_recipes_stay_as_recorded(tmp_path, fake_runs,

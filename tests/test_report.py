@@ -164,3 +164,27 @@ def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp
     readme.write_text("<!-- results:nothing_* -->\n<!-- /results -->\n")
     with pytest.raises(UserError, match="'nothing_\\*' has no records"):
         report.main([*argv, "--check"])
+
+
+def test_every_committed_record_was_made_by_the_config_its_command_makes_today(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert report.drifted_records([Path("benchmarks/results")]) == []
+
+
+def test_a_record_whose_config_is_not_its_commands_is_caught(monkeypatch, tmp_path, capsys):
+    """A committed record copied and its config edited (as if the config file had changed since it ran)."""
+    monkeypatch.chdir(REPO)
+    source = Path("benchmarks/results/kd_dino")
+    copy = tmp_path / "records" / "kd_dino"
+    for path in source.rglob("*"):
+        if path.is_file():
+            (copy / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / path.relative_to(source)).write_text(path.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:kd_dino -->\n<!-- /results -->\n")
+    argv = [str(copy.parent), "--readme", str(readme), "--figures", str(tmp_path / "docs")]
+    assert report.main(argv) == 0 and report.main([*argv, "--check"]) == 0
+    config = copy / "student_no_kd_seed0" / "config.yaml"
+    config.write_text(config.read_text().replace("num_queries: 30", "num_queries: 20", 1))
+    assert report.main([*argv, "--check"]) == 1
+    assert "student_no_kd_seed0: model.num_queries: 20 -> 30" in capsys.readouterr().err

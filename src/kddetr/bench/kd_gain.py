@@ -106,8 +106,9 @@ def run_row(row: Row, config: Path, teacher: Path, data: Path, out: Path, overri
 
 
 def recorded(row: Row, wanted: dict, root: Optional[Path]) -> Optional[records.RunRecord]:
-    """The row's committed record in `root` when it holds a finished run (test AP) started by `wanted`: such a row
-    is not trained again (weights are never committed, so a fresh clone has only the records)."""
+    """The row's committed record in `root` when it holds a finished run (test AP) started by `wanted` with the config
+    that recipe makes today: such a row is not trained again (weights are never committed, so a fresh clone has
+    only the records)."""
     if root is None:
         return None
     folder = root / row.slug
@@ -115,6 +116,11 @@ def recorded(row: Row, wanted: dict, root: Optional[Path]) -> Optional[records.R
     if not (command.is_file() and (folder / "test_metrics.json").is_file()):
         return None
     if json.loads(command.read_text()) != wanted:
+        return None
+    drift = records.config_drift(folder)
+    if drift:
+        print(f"{folder}: recorded with another config than {wanted['config']} makes today ({'; '.join(drift)}); "
+              "trained again", flush=True)
         return None
     return records.load_run(folder, row.variant, row.seed)
 

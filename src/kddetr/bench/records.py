@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from kddetr.config import Config, from_dict, load_config, migrate_saved_config, to_dict
 from kddetr.errors import UserError
 from kddetr.viz import read_metrics
 
@@ -146,6 +147,31 @@ def load_run(folder: Path, variant: str, seed: Optional[int]) -> RunRecord:
     if (folder / "config.yaml").is_file():
         record.config = yaml.safe_load((folder / "config.yaml").read_text())
     return record
+
+
+def config_drift(folder: Path, base: Path = Path(".")) -> list[str]:
+    """Where a run record's config differs from the one its command (`command.json`: config file, relative to `base`,
+    and overrides) makes with this checkout's config files and defaults, as `key: recorded -> today` lines (options
+    removed since are migrated first); empty when they agree or the record holds no such command and config."""
+    command, saved = folder / "command.json", folder / "config.yaml"
+    if not (command.is_file() and saved.is_file()):
+        return []
+    recipe = json.loads(command.read_text())
+    if "config" not in recipe:
+        return []
+    data = migrate_saved_config(yaml.safe_load(saved.read_text()))
+    data.pop("dataset", None)
+    recorded = _flatten(to_dict(from_dict(Config, data, str(saved))))
+    today = _flatten(to_dict(load_config(base / recipe["config"], recipe.get("overrides", []))))
+    return [f"{key}: {recorded.get(key)!r} -> {today.get(key)!r}"
+            for key in sorted(recorded.keys() | today.keys()) if recorded.get(key) != today.get(key)]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def recorded_minutes(root: Path) -> Optional[float]:

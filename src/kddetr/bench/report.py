@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from kddetr.bench.records import MANIFEST, OUTPUT, Bench, Printed, RunRecord, load_bench, load_output
+from kddetr.bench.records import MANIFEST, OUTPUT, Bench, Printed, RunRecord, config_drift, load_bench, load_output
 from kddetr.errors import UserError
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm")
@@ -170,6 +170,12 @@ def find_benches(roots: Sequence[Path]) -> dict[str, Bench | Printed]:
     return benches
 
 
+def drifted_records(roots: Sequence[Path]) -> list[str]:
+    """One line per committed run record whose config is not what its command makes with today's configs."""
+    return [f"{folder}: {'; '.join(drift)}" for root in roots for folder in sorted(p.parent for p in
+            root.rglob("command.json")) if (drift := config_drift(folder))]
+
+
 def is_comparison(name: str) -> bool:
     return "," in name or "*" in name
 
@@ -249,7 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="records of one benchmark (its bench.json) or folders of them")
     p.add_argument("--readme", type=Path, default=Path("README.md"))
     p.add_argument("--figures", type=Path, default=Path("docs"), help="where the curves go (results_NAME.png)")
-    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a README table is stale")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; exit 1 when a README table is stale or a record's config is not the one "
+                   "its command makes today")
     args = p.parse_args(argv)
     benches = find_benches(args.roots)
     if not args.readme.is_file():
@@ -258,7 +266,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check:
         for name in changed:
             print(f"{args.readme}: results block {name!r} differs from its records", file=sys.stderr)
-        return 1 if changed else 0
+        drifted = drifted_records(args.roots)
+        for line in drifted:
+            print(f"recorded with another config than its command makes today: {line}", file=sys.stderr)
+        return 1 if changed or drifted else 0
     for name, bench in benches.items():
         print(f"## {name}\n\n{block(bench)}")
         if isinstance(bench, Bench) and "/" not in name:
