@@ -1,5 +1,6 @@
 """Results tables come from committed run records: records round-trip, tables and gains, the README check."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -175,11 +176,7 @@ def test_a_record_whose_config_is_not_its_commands_is_caught(monkeypatch, tmp_pa
     """A committed record copied and its config edited (as if the config file had changed since it ran)."""
     monkeypatch.chdir(REPO)
     source = Path("benchmarks/results/kd_dino")
-    copy = tmp_path / "records" / "kd_dino"
-    for path in source.rglob("*"):
-        if path.is_file():
-            (copy / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-            (copy / path.relative_to(source)).write_text(path.read_text())
+    copy = shutil.copytree(source, tmp_path / "records" / "kd_dino")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:kd_dino -->\n<!-- /results -->\n")
     argv = [str(copy.parent), "--readme", str(readme), "--figures", str(tmp_path / "docs")]

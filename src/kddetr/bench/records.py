@@ -149,9 +149,9 @@ def load_run(folder: Path, variant: str, seed: Optional[int]) -> RunRecord:
     return record
 
 
-def config_drift(folder: Path, base: Path = Path(".")) -> list[str]:
-    """Where a run record's config differs from the one its command (`command.json`: config file, relative to `base`,
-    and overrides) makes with this checkout's config files and defaults, as `key: recorded -> today` lines (options
+def config_drift(folder: Path) -> list[str]:
+    """Where a run record's config differs from the one its command (`command.json`: config file and overrides)
+    makes with this checkout's config files and defaults, as `key: recorded -> today` lines (options
     removed since are migrated first); empty when they agree or the record holds no such command and config."""
     command, saved = folder / "command.json", folder / "config.yaml"
     if not (command.is_file() and saved.is_file()):
@@ -162,7 +162,7 @@ def config_drift(folder: Path, base: Path = Path(".")) -> list[str]:
     data = migrate_saved_config(yaml.safe_load(saved.read_text()))
     data.pop("dataset", None)
     recorded = _flatten(to_dict(from_dict(Config, data, str(saved))))
-    today = _flatten(to_dict(load_config(base / recipe["config"], recipe.get("overrides", []))))
+    today = _flatten(to_dict(load_config(recipe["config"], recipe.get("overrides", []))))
     return [f"{key}: {recorded.get(key)!r} -> {today.get(key)!r}"
             for key in sorted(recorded.keys() | today.keys()) if recorded.get(key) != today.get(key)]
 
