@@ -400,6 +400,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted keys (`train.lr`), the form `apply_overrides` takes."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def load_config(path: str | Path | None = None, overrides: Optional[list[str]] = None) -> Config:
     """Load a YAML config (or defaults when `path` is None), apply overrides, validate."""
     data = load_yaml(path) if path is not None else {}

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from kddetr.config import Config, from_dict, load_config, migrate_saved_config, to_dict
+from kddetr.config import Config, flatten, from_dict, load_config, migrate_saved_config, to_dict
 from kddetr.errors import UserError
 from kddetr.viz import read_metrics
 
@@ -161,17 +161,10 @@ def config_drift(folder: Path) -> list[str]:
         return []
     data = migrate_saved_config(yaml.safe_load(saved.read_text()))
     data.pop("dataset", None)
-    recorded = _flatten(to_dict(from_dict(Config, data, str(saved))))
-    today = _flatten(to_dict(load_config(recipe["config"], recipe.get("overrides", []))))
+    recorded = flatten(to_dict(from_dict(Config, data, str(saved))))
+    today = flatten(to_dict(load_config(recipe["config"], recipe.get("overrides", []))))
     return [f"{key}: {recorded.get(key)!r} -> {today.get(key)!r}"
             for key in sorted(recorded.keys() | today.keys()) if recorded.get(key) != today.get(key)]
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def recorded_minutes(root: Path) -> Optional[float]:

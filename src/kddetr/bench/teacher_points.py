@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from kddetr.bench.records import print_and_record
-
 from kddetr.engine.evaluate import evaluate
 from kddetr.models.protocol import DetectorOutput, ImageBatch, Queries
 

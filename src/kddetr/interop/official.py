@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from kddetr.config import Config, ModelConfig, from_dict, load_yaml
+from kddetr.config import Config, ModelConfig, flatten, from_dict, load_yaml
 from kddetr.engine.checkpoint import DatasetInfo
 from kddetr.errors import UserError
 from kddetr.interop.hf import RESNET_SHAPES
@@ -192,16 +192,6 @@ def _deformable_fields_from_args(args: dict[str, Any], where: str) -> dict[str, 
     return fields
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def _set(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -286,7 +276,7 @@ def read_official(path: str | Path, arch: str = "dab_detr", config: Optional[str
     model = data.setdefault("model", {})
     if not isinstance(model, dict):
         raise UserError(f"{config}: 'model' must be a mapping")
-    explicit = _flatten(model)
+    explicit = flatten(model)
     known = reader.from_args(args, where)
     known.update(reader.from_weights(state, where, {**known, **explicit}))
     for key, value in known.items():
