@@ -144,6 +144,9 @@ class TrainConfig:
     # skipping a batch checks every step); fewer checks mean fewer host-device syncs
     nonfinite_check_every: int = 0
     compile: bool = False  # torch.compile the training forward (see `kddetr bench speed --compile`)
+    # distillation only: `joint` takes one clipped AdamW step on the sum of all losses (the paper); `separate` clips
+    # and Adam-normalises the detection and the KD gradients each on its own and applies both (engine/update.py)
+    kd_update: Literal["joint", "separate"] = "joint"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from kddetr.data.synth import generate
 from kddetr.engine.checkpoint import load_checkpoint
 from kddetr.engine.runner import run_training
 from kddetr.engine.nonfinite import NonFiniteLossError
+from kddetr.errors import UserError
 from kddetr.models.build import build_detector, count_parameters
 
 TINY = Path(__file__).parent.parent / "fixtures" / "tiny.yaml"
@@ -77,6 +78,39 @@ def test_distillation_trains_student_only(data_dir, teacher, tmp_path, method):
     rows = (tmp_path / "kd" / "metrics.jsonl").read_text()
     prefix = "general/kd_cls" if method == "kd_detr" else "hungarian/kd_cls"
     assert f"train/{prefix}" in rows
+
+
+def test_separate_kd_update_distils_and_resumes_bit_exactly(data_dir, teacher, tmp_path):
+    """train.kd_update=separate: the second AdamW's state is checkpointed, so a resumed run ends where a straight
+    one does; a checkpoint of the other mode does not fit."""
+    separate = ("train.kd_update=separate", "train.eval_every=0")
+    run_training(_cfg("train.epochs=2", *separate), data_dir, tmp_path / "straight", teacher=teacher, progress=False)
+    run_training(_cfg("train.epochs=1", *separate), data_dir, tmp_path / "split", teacher=teacher, progress=False)
+    run_training(_cfg("train.epochs=2", *separate), data_dir, tmp_path / "split", teacher=teacher, resume=True,
+                 progress=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(tmp_path / "split" / "last" / "trainer_state.pt", weights_only=True)
+    assert state["kd_optimizer"]["state"] and state["step"] == 4
+    with pytest.raises(UserError, match="trainer_state.pt: does not fit this run.*kd_update"):
+        run_training(_cfg("train.epochs=3", "train.eval_every=0"), data_dir, tmp_path / "split", teacher=teacher,
+                     resume=True, progress=False)
+
+
+def test_separate_kd_update_takes_the_alone_students_detection_step(data_dir, teacher, tmp_path):
+    """One step from the same weights and batch: with train.kd_update=separate the detection AdamW's moments are
+    those of the student trained alone (the detection queries never see a point); with joint they are not."""
+    one_step = ("train.max_steps=1", "train.eval_every=0", "data.random_crop=false")
+    run_training(_cfg(*one_step), data_dir, tmp_path / "alone", progress=False)
+    for mode in ("separate", "joint"):
+        run_training(_cfg(*one_step, f"train.kd_update={mode}"), data_dir, tmp_path / mode, teacher=teacher,
+                     progress=False)
+    moments = {run: [s["exp_avg"] for s in torch.load(tmp_path / run / "last" / "trainer_state.pt",
+                                                      weights_only=True)["optimizer"]["state"].values()]
+               for run in ("alone", "separate", "joint")}
+    for alone, separate in zip(moments["alone"], moments["separate"]):
+        torch.testing.assert_close(separate, alone, rtol=1e-3, atol=1e-8)
+    assert any(not torch.allclose(j, a, rtol=1e-2, atol=1e-6) for j, a in zip(moments["joint"], moments["alone"]))
 
 
 def test_nonfinite_loss_stops_with_term_and_step(data_dir, tmp_path, monkeypatch):

@@ -11,13 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from kddetr.bench.records import print_and_record
+from kddetr.engine.objective import is_distillation_loss
 from kddetr.errors import UserError
-
-
-def is_kd_loss(name: str) -> bool:
-    """The distiller names its KD terms `group/term` (`general/kd_cls`, `hungarian/kd_cls`); detection terms
-    have no group."""
-    return "/" in name
 
 
 def part_gradients(student: nn.Module, loss: Tensor) -> dict[str, Tensor]:
@@ -39,10 +34,10 @@ def gradient_table(objective: nn.Module, batches: Sequence[tuple]) -> list[tuple
     objective.train()
     for images, targets in batches:
         _, losses = objective(images, targets)
-        kd = [v for k, v in losses.items() if is_kd_loss(k)]
+        kd = [v for k, v in losses.items() if is_distillation_loss(k)]
         if not kd:
             raise UserError("no KD loss in this configuration (kd.method: none, or a teacher it does not need)")
-        detection = part_gradients(objective.student, sum(v for k, v in losses.items() if not is_kd_loss(k)))
+        detection = part_gradients(objective.student, sum(v for k, v in losses.items() if not is_distillation_loss(k)))
         distillation = part_gradients(objective.student, sum(kd))
         for part, g_det in detection.items():
             g_kd = distillation[part]

@@ -15,7 +15,8 @@ LossDict = dict[str, Tensor]
 
 class Objective(Protocol):
     """What the trainer may rely on. Calling it with a batch gives the student's outputs and its named losses,
-    already weighted (the trainer sums them); `student` is the module to optimise, evaluate and save; the extra
+    already weighted (the trainer sums them), the distillation terms named `group/term` (`is_distillation_loss`),
+    the student's own without a group; `student` is the module to optimise, evaluate and save; the extra
     state (e.g. the distillation points' generator) is checkpointed beside it. The trainer wraps the whole
     objective for DDP, so an objective uses its modules as they are."""
 
@@ -26,6 +27,12 @@ class Objective(Protocol):
     def extra_state(self) -> dict[str, Any]: ...
 
     def load_extra_state(self, state: dict[str, Any]) -> None: ...
+
+
+def is_distillation_loss(name: str) -> bool:
+    """Whether an objective's loss term is a distillation term (`general/kd_cls`, `hungarian/kd_cls`) rather than
+    one of the student's own (`loss_ce`, `dn_loss_bbox_0`)."""
+    return "/" in name
 
 
 def is_objective(candidate: object) -> bool:

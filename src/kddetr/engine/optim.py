@@ -1,15 +1,18 @@
 """The optimiser and learning-rate schedule of a run."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from kddetr.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
     """AdamW with the rest at `lr`, the backbone at `lr_backbone`, and then one group per learning-rate multiplier
-    the detector asks for (`lr_multipliers()`: parameter-name fragment -> multiplier of `lr`)."""
+    the detector asks for (`lr_multipliers()`: parameter-name fragment -> multiplier of `lr`); weight decay
+    `cfg.weight_decay` unless `weight_decay` is given."""
     multipliers = model.lr_multipliers()  # type: ignore[operator]
     groups: dict[str, dict] = {"rest": {"params": [], "lr": cfg.lr}, "backbone": {"params": [], "lr": cfg.lr_backbone}}
     for name, p in model.named_parameters():
@@ -19,7 +22,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         key = "backbone" if name.startswith("backbone.") else "rest" if fragment is None else fragment
         groups.setdefault(key, {"params": [], "lr": cfg.lr * multipliers.get(key, 1.0)})["params"].append(p)
     kept = [g for g in groups.values() if g["params"] or g is groups["rest"]]
-    return torch.optim.AdamW(kept, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw_ok(model))
+    return torch.optim.AdamW(kept, lr=cfg.lr, weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
+                             fused=fused_adamw_ok(model))
 
 
 def fused_adamw_ok(model: nn.Module) -> bool:

@@ -25,9 +25,9 @@ from kddetr.engine.diagnostics import collapse_stats
 from kddetr.engine.evaluate import evaluate
 from kddetr.engine.nonfinite import NonFiniteLossError, NonFiniteWatch
 from kddetr.engine.objective import Objective, is_objective
-from kddetr.engine.optim import build_optimizer, lr_factor
 from kddetr.engine.precision import autocast, grad_scaler
 from kddetr.engine.seeding import rng_state, seed_everything, set_rng_state
+from kddetr.engine.update import Update
 from kddetr.errors import UserError
 from kddetr.models.build import num_select
 from kddetr.models.protocol import DetectorOutput, ImageBatch
@@ -78,10 +78,7 @@ class Trainer:
         if len(self.loader) == 0:
             raise UserError(f"{train_set.ann_file}: {len(train_set)} training images are fewer than one "
                             f"batch of {tc.batch_size} per process; lower train.batch_size")
-        self.optimizer = build_optimizer(self.student, tc)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, len(self.loader), tc))
-        self.scaler = grad_scaler(device, tc.amp)
+        self.update = Update(self.student, tc, len(self.loader), grad_scaler(device, tc.amp))
         self.epoch = self.step = 0
         self.best_ap = -1.0
         self.time_s = 0.0  # training wall time so far, summed over resumed invocations
@@ -97,18 +94,14 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "best_ap": self.best_ap, "time_s": self.time_s,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "objective": self.objective.extra_state()}
+                **self.update.state_dict(), "rng": rng_state(), "objective": self.objective.extra_state()}
 
     def resume(self) -> None:
         last = self.paths.last
         state = load_trainer_state(last)
         load_weights_into(self.student, load_state_dict_file(last / MODEL_FILE), str(last / MODEL_FILE))
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            self.update.load_state_dict(state)
             set_rng_state(state["rng"])
             self.objective.load_extra_state(state["objective"])
             self.epoch, self.step, self.best_ap = state["epoch"], state["step"], state["best_ap"]
@@ -149,17 +142,10 @@ class Trainer:
             if tc.on_nonfinite == "skip":
                 if dist.is_main_process():
                     tqdm.write(f"warning: {msg}; batch skipped")
-                self.optimizer.zero_grad(set_to_none=True)
+                self.update.zero_grad()
                 return None
             raise NonFiniteLossError(msg + f"; the last good checkpoint is in {self.paths.last}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if tc.clip_max_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), tc.clip_max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.update.step(losses, total)
         losses["loss"] = total.detach()
         return losses, outputs
 
@@ -214,7 +200,7 @@ class Trainer:
             self.time_s = time_before + time.time() - start
             record = {"epoch": self.epoch, "step": self.step, "time_s": round(self.time_s, 2),
                       "s_per_step": round((time.time() - epoch_start) / max(1, count), 4),
-                      "lr": self.optimizer.param_groups[0]["lr"]}
+                      "lr": self.update.lr}
             record |= {f"train/{k}": v for k, v in _epoch_means(sums, count).items()}
             if (tc.eval_every and self.epoch % tc.eval_every == 0) or self.epoch >= tc.epochs or stop:
                 last_metrics = self.evaluate()
@@ -252,7 +238,7 @@ class Trainer:
                     values = {k: float(v.detach()) for k, v in losses.items()}
                     diag = collapse_stats(outputs)
                     self._log({f"train/{k}": v for k, v in values.items()} | diag
-                              | {"lr": self.optimizer.param_groups[0]["lr"]}, self.step)
+                              | {"lr": self.update.lr}, self.step)
                     bar.set_postfix(_postfix(values, diag))
             # the clocks of several processes disagree: stop when any of them runs out of time
             if (tc.max_steps and self.step >= tc.max_steps) or \
