@@ -67,7 +67,6 @@ class Update:
         self._clip_and_step(self.optimizer)
         if kd_grads is None:
             return
-        self.optimizer.zero_grad(set_to_none=True)
         for p, grad in zip(params, kd_grads):  # a part the KD does not reach (grad None) is left out of its step
             p.grad = dist.all_reduce_mean(grad) if grad is not None else None
         self._clip_and_step(self.kd_optimizer)
