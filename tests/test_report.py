@@ -167,6 +167,18 @@ def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp
         report.main([*argv, "--check"])
 
 
+def test_a_comparison_figure_draws_each_distinct_teacher_once():
+    """Compared benchmarks of one teacher share its line; another teacher gets its own, named by its benchmark."""
+    def bench(name: str, val_ap) -> records.Bench:
+        teacher = {} if val_ap is None else {"val": {"AP": val_ap}}
+        return records.Bench(name, "kddetr bench kd", "dino", "full", teacher, [])
+
+    assert report.teacher_lines([bench("a", 57.71), bench("b", 57.68), bench("c", None)]) == [("teacher 57.7", 57.71)]
+    assert report.teacher_lines([bench("a", 57.7), bench("b", 65.66), bench("c", 57.7)]) == [
+        ("teacher of a 57.7", 57.7), ("teacher of b 65.7", 65.66)]
+    assert report.teacher_lines([bench("c", None)]) == []
+
+
 def test_every_committed_record_was_made_by_the_config_its_command_makes_today(monkeypatch):
     monkeypatch.chdir(REPO)
     assert report.drifted_records([Path("benchmarks/results")]) == []

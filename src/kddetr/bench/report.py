@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import itertools
 import re
 import shlex
 import statistics
@@ -120,8 +121,21 @@ def finetune_gains(bench: Bench, split: str) -> list[str]:
     return lines
 
 
-def curves(bench: Bench, out: Path) -> Path:
-    """Val AP against optimiser steps and against training minutes, one line per run."""
+def teacher_lines(benches: Sequence[Bench]) -> list[tuple[str, float]]:
+    """One dotted line per distinct teacher val AP of `benches`, named by the first benchmark with it when they differ."""
+    first: dict[float, tuple[str, float]] = {}
+    for bench in benches:
+        ap = (bench.teacher.get("val") or {}).get("AP")
+        if ap is not None:
+            first.setdefault(round(ap, 1), (bench.name, ap))
+    if len(first) == 1:
+        return [(f"teacher {ap:.1f}", ap) for _, ap in first.values()]
+    return [(f"teacher of {name} {ap:.1f}", ap) for name, ap in first.values()]
+
+
+def curves(bench: Bench, out: Path, teachers: Optional[Sequence[tuple[str, float]]] = None) -> Path:
+    """Val AP against optimiser steps and against training minutes, one line per run; a dotted line per teacher
+    (`teachers` as (label, val AP), default the benchmark's own)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,10 +148,10 @@ def curves(bench: Bench, out: Path) -> Path:
         style = "--" if run.seed not in (None, 0) else "-"
         for ax, x in zip(axes, ([r["step"] for r in points], [r["time_s"] / 60 for r in points])):
             ax.plot(x, [r["AP"] for r in points], style, marker=".", label=run.label)
-    teacher_val = (bench.teacher.get("val") or {}).get("AP")
+    teachers = teacher_lines([bench]) if teachers is None else teachers
     for ax, xlabel in zip(axes, ("optimiser steps", "training minutes (1 thread, shared cores)")):
-        if teacher_val is not None:
-            ax.axhline(teacher_val, color="#e6194b", ls=":", label=f"teacher {teacher_val:.1f}")
+        for (label, ap), color in zip(teachers, itertools.cycle(("#e6194b", "#911eb4", "#808000", "#000075"))):
+            ax.axhline(ap, color=color, ls=":", label=label)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("COCO AP (%) on val")
@@ -276,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             curves(bench, args.figures / figure_name(name))
     for match in BLOCK.finditer(text):
         if is_comparison(match["name"]):
-            curves(comparison(compared(match["name"], benches))[1], args.figures / figure_name(match["name"]))
+            chosen = compared(match["name"], benches)
+            curves(comparison(chosen)[1], args.figures / figure_name(match["name"]), teacher_lines(chosen))
     args.readme.write_text(text)
     print(f"{args.readme}: {len(changed)} results block(s) updated; curves in {args.figures}/results_*.png")
     return 0
