@@ -1,5 +1,6 @@
 """Results tables come from committed run records: records round-trip, tables and gains, the README check."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -92,15 +93,19 @@ def test_unfinished_runs_are_shown_as_such(bench_records, tmp_path):
 
 
 def test_readme_blocks_are_regenerated_and_a_stale_one_is_caught(bench_records, tmp_path, capsys):
-    readme = tmp_path / "README.md"
+    readme, details = tmp_path / "README.md", tmp_path / "docs" / "results.md"
     readme.write_text("# x\n\n<!-- results:kd_full -->\nhand-typed 99.9\n<!-- /results -->\nafter\n")
-    argv = [str(bench_records.parent), "--readme", str(readme), "--figures", str(tmp_path / "docs")]
+    details.parent.mkdir()
+    details.write_text("fresh\n<!-- results:kd_full -->\n<!-- /results -->\n")
+    argv = [str(bench_records.parent), "--docs", str(readme), str(details), "--figures", str(tmp_path / "docs")]
     assert report.main([*argv, "--check"]) == 1
-    assert "results block 'kd_full' differs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{readme}: results block 'kd_full' differs" in err and f"{details}: results block 'kd_full' differs" in err
     assert report.main(argv) == 0
     text = readme.read_text()
     assert "hand-typed" not in text and "| **KD-DETR general+specific** | mean of 0, 1 | **31.5** |" in text
     assert text.endswith("<!-- /results -->\nafter\n")
+    assert details.read_text() == "fresh\n" + text.removeprefix("# x\n\n").removesuffix("after\n")
     assert (tmp_path / "docs" / "results_kd_full.png").stat().st_size > 10_000
     assert report.main([*argv, "--check"]) == 0
 
@@ -108,15 +113,16 @@ def test_readme_blocks_are_regenerated_and_a_stale_one_is_caught(bench_records, 
 def test_a_block_without_records_is_an_error(bench_records, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:missing -->\n<!-- /results -->\n")
-    with pytest.raises(UserError, match="'missing' has no records"):
-        report.main([str(bench_records.parent), "--readme", str(readme), "--check"])
+    with pytest.raises(UserError, match=re.escape(f"{readme}: results block 'missing' has no records")):
+        report.main([str(bench_records.parent), "--docs", str(readme), "--check"])
 
 
-def test_every_results_table_in_the_readme_is_what_the_committed_records_give():
-    text = (REPO / "README.md").read_text()
-    assert report.BLOCK.search(text), "the README has no results block"
-    _, changed = report.update_readme(text, report.find_benches([REPO / "benchmarks" / "results"]))
-    assert changed == [], f"stale README tables (run `kddetr bench report`): {changed}"
+@pytest.mark.parametrize("doc", report.DOCS)
+def test_every_results_table_in_the_docs_is_what_the_committed_records_give(doc):
+    text = (REPO / doc).read_text()
+    assert report.BLOCK.search(text), f"{doc} has no results block"
+    _, changed = report.update_document(text, report.find_benches([REPO / "benchmarks" / "results"]))
+    assert changed == [], f"stale tables in {doc} (run `kddetr bench report`): {changed}"
 
 
 def test_a_finished_benchmark_states_its_wall_time(bench_records):
@@ -132,7 +138,7 @@ def test_a_printing_benchmark_is_recorded_whole_and_put_back_in_its_block(tmp_pa
     records.save_output(tmp_path / "speed_kd", "kddetr bench speed --only kd", "### KD overhead\n\n| a | b |")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:speed_kd -->\nold\n<!-- /results -->\n")
-    assert report.main([str(tmp_path), "--readme", str(readme), "--figures", str(tmp_path / "docs")]) == 0
+    assert report.main([str(tmp_path), "--docs", str(readme), "--figures", str(tmp_path / "docs")]) == 0
     assert readme.read_text() == ("<!-- results:speed_kd -->\n```bash\nkddetr bench speed --only kd\n```\n\n"
                                   "### KD overhead\n\n| a | b |\n<!-- /results -->\n")
     assert not (tmp_path / "docs").exists()  # nothing to draw for printed tables
@@ -152,7 +158,7 @@ def test_a_comparison_block_tables_several_records_by_what_each_command_sets(tmp
                          dest / rows[0].slug)
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:base,probes/kd_* -->\n<!-- /results -->\n")
-    argv = [str(tmp_path / "records"), "--readme", str(readme), "--figures", str(tmp_path / "docs")]
+    argv = [str(tmp_path / "records"), "--docs", str(readme), "--figures", str(tmp_path / "docs")]
     assert report.main(argv) == 0
     text = readme.read_text()
     assert "- `kd_uniform`: `kddetr bench kd --demo --set train.epochs=7 --set kd.general_distribution=uniform`" in text
@@ -191,7 +197,7 @@ def test_a_record_whose_config_is_not_its_commands_is_caught(monkeypatch, tmp_pa
     copy = shutil.copytree(source, tmp_path / "records" / "kd_dino")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:kd_dino -->\n<!-- /results -->\n")
-    argv = [str(copy.parent), "--readme", str(readme), "--figures", str(tmp_path / "docs")]
+    argv = [str(copy.parent), "--docs", str(readme), "--figures", str(tmp_path / "docs")]
     assert report.main(argv) == 0 and report.main([*argv, "--check"]) == 0
     config = copy / "student_no_kd_seed0" / "config.yaml"
     config.write_text(config.read_text().replace("num_queries: 30", "num_queries: 20", 1))

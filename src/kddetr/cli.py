@@ -108,7 +108,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--seed", type=int, default=0)
 
     bench = sub.add_parser("bench", help="benchmarks: kd (KD gain table), finetune (--init against none), speed (KD overhead, vs HF, inference, "
-                                         "memory, scaling tables), report (README tables from committed records), "
+                                         "memory, scaling tables), report (README and docs/results.md tables from committed records), "
                                          "gpu-check (is the CUDA path sound), coco-scale (COCO-sized annotations), "
                                          "teacher-points (a teacher's AP at distillation points), "
                                          "kd-gradients (the KD gradient beside the detection one)")

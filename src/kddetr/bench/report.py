@@ -1,4 +1,5 @@
-"""`kddetr bench report`: every results table and curve of the README, regenerated from committed run records."""
+"""`kddetr bench report`: every results table and curve of the README and docs/results.md, regenerated from committed
+run records."""
 from __future__ import annotations
 
 import argparse
@@ -166,7 +167,7 @@ def curves(bench: Bench, out: Path, teachers: Optional[Sequence[tuple[str, float
 
 
 def block(bench: Bench | Printed) -> str:
-    """What the README holds between a benchmark's markers: its command and its table (or printed tables)."""
+    """What a document holds between a benchmark's markers: its command and its table (or printed tables)."""
     body = bench.output.strip() if isinstance(bench, Printed) else results_table(bench)
     return f"```bash\n{bench.command}\n```\n\n{body}\n"
 
@@ -199,7 +200,7 @@ def compared(name: str, benches: dict[str, Bench | Printed]) -> list[Bench]:
     chosen = [key for pattern in name.split(",") for key in sorted(fnmatch.filter(benches, pattern))]
     found = [benches[key] for key in chosen if isinstance(benches[key], Bench)]
     if not found:
-        raise UserError(f"README: results block {name!r} has no records")
+        raise UserError(f"results block {name!r} has no records")
     return found
 
 
@@ -239,8 +240,9 @@ def comparison(benches: list[Bench]) -> tuple[str, Bench]:
     return "\n".join(["Commands:", "", *commands, "", *lines]) + "\n", dataclasses.replace(first, runs=runs)
 
 
-def update_readme(text: str, benches: dict[str, Bench | Printed]) -> tuple[str, list[str]]:
-    """`text` with every `<!-- results:NAME -->` block regenerated; also the names of the blocks that changed."""
+def update_document(text: str, benches: dict[str, Bench | Printed]) -> tuple[str, list[str]]:
+    """A document's `text` with every `<!-- results:NAME -->` block regenerated; also the names of the blocks that
+    changed."""
     changed: list[str] = []
 
     def replace(match: re.Match) -> str:
@@ -250,7 +252,7 @@ def update_readme(text: str, benches: dict[str, Bench | Printed]) -> tuple[str, 
         elif name in benches:
             body = block(benches[name])
         else:
-            raise UserError(f"README: results block {name!r} has no records")
+            raise UserError(f"results block {name!r} has no records")
         if body != match["body"]:
             changed.append(name)
         return match[1] + body + match[4]
@@ -263,39 +265,51 @@ def figure_name(name: str) -> str:
     return "results_" + re.sub(r"[^\w.-]+", "_", name).strip("_") + ".png"
 
 
+DOCS = (Path("README.md"), Path("docs/results.md"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="kddetr bench report", description=__doc__)
     p.add_argument("roots", type=Path, nargs="*", default=[Path("benchmarks/results")],
                    help="records of one benchmark (its bench.json) or folders of them")
-    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--docs", type=Path, nargs="+", default=list(DOCS),
+                   help="the markdown files whose results blocks to regenerate")
     p.add_argument("--figures", type=Path, default=Path("docs"), help="where the curves go (results_NAME.png)")
     p.add_argument("--check", action="store_true",
-                   help="change nothing; exit 1 when a README table is stale or a record's config is not the one "
+                   help="change nothing; exit 1 when a results table is stale or a record's config is not the one "
                    "its command makes today")
     args = p.parse_args(argv)
     benches = find_benches(args.roots)
-    if not args.readme.is_file():
-        raise UserError(f"{args.readme}: not found")
-    text, changed = update_readme(args.readme.read_text(), benches)
+    for doc in args.docs:
+        if not doc.is_file():
+            raise UserError(f"{doc}: not found")
+    updated = {}
+    for doc in args.docs:
+        try:
+            updated[doc] = update_document(doc.read_text(), benches)
+        except UserError as e:
+            raise UserError(f"{doc}: {e}") from None
     if args.check:
-        for name in changed:
-            print(f"{args.readme}: results block {name!r} differs from its records", file=sys.stderr)
+        for doc, (_, changed) in updated.items():
+            for name in changed:
+                print(f"{doc}: results block {name!r} differs from its records", file=sys.stderr)
         drifted = drifted_records(args.roots)
         for line in drifted:
             print(f"recorded with another config than its command makes today: {line}", file=sys.stderr)
-        return 1 if changed or drifted else 0
+        return 1 if drifted or any(changed for _, changed in updated.values()) else 0
     for name, bench in benches.items():
         print(f"## {name}\n\n{block(bench)}")
         if isinstance(bench, Bench) and "/" not in name:
             curves(bench, args.figures / figure_name(name))
-    for match in BLOCK.finditer(text):
-        if is_comparison(match["name"]):
-            chosen = compared(match["name"], benches)
-            curves(comparison(chosen)[1], args.figures / figure_name(match["name"]), teacher_lines(chosen))
-    args.readme.write_text(text)
-    print(f"{args.readme}: {len(changed)} results block(s) updated; curves in {args.figures}/results_*.png")
+    for doc, (text, changed) in updated.items():
+        for match in BLOCK.finditer(text):
+            if is_comparison(match["name"]):
+                chosen = compared(match["name"], benches)
+                curves(comparison(chosen)[1], args.figures / figure_name(match["name"]), teacher_lines(chosen))
+        doc.write_text(text)
+        print(f"{doc}: {len(changed)} results block(s) updated")
+    print(f"curves in {args.figures}/results_*.png")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
