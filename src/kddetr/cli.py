@@ -14,7 +14,8 @@ from kddetr.interop.cli import add_import_export_parsers, run_export, run_import
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("config", type=Path, help="YAML config (see configs/), or a checkpoint directory whose model and "
+                   "settings to train again (e.g. what `kddetr import` wrote)")
     p.add_argument("--data", type=Path, required=True, help="COCO-format dataset dir (images/, annotations/)")
     p.add_argument("--out", type=Path, required=True, help="run directory to create (or resume)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
@@ -141,7 +142,11 @@ def _run_config(args: argparse.Namespace):
     for flag, key in (("epochs", "train.epochs"), ("batch_size", "train.batch_size"), ("seed", "train.seed")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.config, overrides)
+    from kddetr.engine.checkpoint import CONFIG_FILE, MODEL_FILE, read_checkpoint_config
+    path = args.config
+    if path.is_dir() or (path.name == CONFIG_FILE and (path.parent / MODEL_FILE).is_file()):
+        return read_checkpoint_config(path if path.is_dir() else path.parent, overrides)[0]  # its classes: not a setting
+    return load_config(path, overrides)
 
 
 def _check_out_dir(out: Path, resume: bool) -> bool:

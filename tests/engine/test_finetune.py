@@ -121,3 +121,23 @@ def test_a_tiny_fine_tune_beats_backbone_only_init_on_the_same_steps(tmp_path):
         return json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])["train/loss"]
 
     assert last_loss("ft") < 0.8 * last_loss("scratch")
+
+
+def test_a_checkpoint_is_the_config_of_its_fine_tune(tmp_path, capsys):
+    """`kddetr train CKPT` (or CKPT/config.yaml, as `kddetr import` writes it) trains that model with its settings;
+    its `dataset` section, the classes it was trained on, is not a setting."""
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--train", "8", "--val", "4", "--test", "0", "--size",
+                 "64"]) == 0
+    ckpt, _ = _checkpoint(tmp_path, ["model.num_queries=12", "train.lr=3e-4"])
+    for i, given in enumerate([ckpt, ckpt / "config.yaml"]):
+        run = tmp_path / f"run{i}"
+        assert main(["train", str(given), "--data", str(data), "--out", str(run), "--no-progress", "--epochs", "1",
+                     "--set", "train.eval_every=0", "--init", str(ckpt)]) == 0
+        saved = load_config(run / "config.yaml")
+        assert (saved.model.num_queries, saved.train.lr, saved.train.epochs) == (12, 3e-4, 1)
+        assert "classes: 0 of 10 from the checkpoint" in capsys.readouterr().out
+    loose = tmp_path / "loose.yaml"  # the same file away from its weights is a config like any other
+    loose.write_text((ckpt / "config.yaml").read_text())
+    assert main(["train", str(loose), "--data", str(data), "--out", str(tmp_path / "run_loose")]) == 2
+    assert "loose.yaml: unknown key 'dataset'" in capsys.readouterr().err
