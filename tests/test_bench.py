@@ -118,12 +118,15 @@ def test_rows_with_committed_records_are_not_trained_again(tmp_path, fake_runs, 
     (data / "annotations").mkdir(parents=True)
     for split in ("val", "test"):
         (data / "annotations" / f"instances_{split}.json").write_text("{}")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.yaml").write_text("model: {arch: deformable_detr}\n")
     argv = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--records", str(records_dir), "--jobs",
             "1", "--threads", "1", "--variants", "student (no KD)", "Hungarian KD"]
     assert main([*argv, "--out", str(tmp_path / "first")]) == 0
     trained = [a for a in fake_runs if a[3] in ("train", "distill")]
     assert [a[3] for a in trained] == ["train", "distill"]
-    assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
+    manifest = json.loads((records_dir / "bench.json").read_text())
+    assert manifest["minutes"] > 0 and (manifest["arch"], manifest["teacher_arch"]) == ("dab_detr", "deformable_detr")
 
     fake_runs.clear()
     assert main([*argv, "--out", str(tmp_path / "fresh_clone")]) == 0

@@ -203,3 +203,43 @@ def test_a_record_whose_config_is_not_its_commands_is_caught(monkeypatch, tmp_pa
     config.write_text(config.read_text().replace("num_queries: 30", "num_queries: 20", 1))
     assert report.main([*argv, "--check"]) == 1
     assert "student_no_kd_seed0: model.num_queries: 20 -> 30" in capsys.readouterr().err
+
+
+def _glance_bench(name: str, runs: list, teacher_arch: str = "dino", teacher_ap: float = 60.0) -> records.Bench:
+    """A benchmark of finished runs given as (variant, seed, test AP, steps, student arch)."""
+    made = [records.RunRecord(variant, seed, f"r{seed}", [{"step": steps, "AP": ap}], {"AP": ap},
+                              {"model": {"arch": student}}) for variant, seed, ap, steps, student in runs]
+    return records.Bench(name, "kddetr bench kd", "dino", "full", {"test": {"AP": teacher_ap}}, made,
+                         teacher_arch=teacher_arch)
+
+
+def test_a_glance_row_pairs_each_seed_of_the_student_alone_with_the_distilled_one():
+    alone = [("student (no KD)", 0, 40.0, 500, "faster_rcnn"), ("student (no KD)", 1, 44.0, 500, "faster_rcnn")]
+    kd = [("KD-DETR general+specific", 0, 43.0, 500, "faster_rcnn"), ("Hungarian KD", 0, 30.0, 500, "faster_rcnn")]
+    benches = {"base": _glance_bench("base", alone + kd),
+               "probes/a_seed1": _glance_bench("probes/a_seed1", [("KD-DETR specific", 1, 44.5, 500, "faster_rcnn")],
+                                               teacher_arch="dab_detr", teacher_ap=50.0),
+               "probes/a_seed0": _glance_bench("probes/a_seed0", [("KD-DETR specific", 0, 42.0, 500, "faster_rcnn")],
+                                               teacher_arch="dab_detr", teacher_ap=50.0)}
+    lines = report.glance("glance:base,base+probes/a_seed*", benches).splitlines()
+    # the first row: KD-DETR general+specific of `base` (not its Hungarian KD) on the one seed it has
+    assert lines[2] == "| DINO → Faster R-CNN | 500 | 0 | 40.0 | 43.0 | **+3.0** | 60.0 | `base` |"
+    # the second: the student alone from `base`, the distilled runs and the teacher from the last records
+    assert lines[3] == ("| DAB-DETR → Faster R-CNN | 500 | 0, 1 | 42.0 | 43.2 | **+1.2** (+2.0, +0.5) | 50.0 | "
+                        "`base` + `probes/a_seed*` |")
+    assert lines[-1] == "AP on test; the student columns are means over the seeds shown."
+
+
+def test_a_glance_row_refuses_other_schedules_and_ambiguous_variants():
+    alone = ("student (no KD)", 0, 40.0, 500, "dino")
+    benches = {"short": _glance_bench("short", [alone]),
+               "long": _glance_bench("long", [("KD-DETR specific", 0, 45.0, 5000, "dino")]),
+               "two": _glance_bench("two", [("KD-DETR specific", 0, 45.0, 500, "dino"),
+                                            ("KD-DETR general", 0, 44.0, 500, "dino")])}
+    with pytest.raises(UserError, match="different schedules \\(500 and 5000 steps\\)"):
+        report.glance("glance:short+long", benches)
+    with pytest.raises(UserError, match="2 distilled variants \\(KD-DETR specific, KD-DETR general\\)"):
+        report.glance("glance:short+two", benches)
+    running = {"short": benches["short"], "late": records.Bench("late", "c", "dino", "full", {"test": {"AP": 60.0}},
+                                                                 [records.RunRecord("KD-DETR specific", 0, "r0")])}
+    assert "| – | – | – | running | – | 60.0 | `short` + `late` |" in report.glance("glance:short+late", running)

@@ -184,6 +184,13 @@ def ensure_teacher(arch: str, teacher: Optional[Path], data: Path, out: Path, ov
     return run / "best" if (run / "best").is_dir() else run / "last"
 
 
+def checkpoint_arch(checkpoint: Path) -> Optional[str]:
+    """The `model.arch` a checkpoint's config.yaml names (None where it has none to read)."""
+    config = Path(checkpoint) / "config.yaml"
+    model = (yaml.safe_load(config.read_text()) or {}).get("model", {}) if config.is_file() else {}
+    return model.get("arch") if isinstance(model, dict) else None
+
+
 def finished(run: Path) -> bool:
     """Whether the run in `run` ran to its end: its last epoch, `max_steps` or `max_minutes` (as its config.yaml
     says), with a checkpoint and a final evaluation. A run killed midway has evaluations too: they do not count."""
@@ -287,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              "metrics.json", args.threads, args.device)
                        for split in ("val", "test")}
     manifest = dict(arch=args.arch, schedule=args.schedule, rows=rows, teacher=teacher_metrics,
-                    argv=list(argv if argv is not None else sys.argv[1:]))
+                    argv=list(argv if argv is not None else sys.argv[1:]),
+                    teacher_arch=checkpoint_arch(args.teacher))
     reused = {row: recorded(row, row_recipe(row, config, args.teacher, args.data, overrides, args.device,
                                             args.teacher_overrides), args.records)
               for row in rows}

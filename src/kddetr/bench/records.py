@@ -22,14 +22,15 @@ RUN_FILES = {"config.yaml": "config.yaml", "metrics.jsonl": "metrics.jsonl", "te
 
 
 def save_manifest(root: Path, arch: str, schedule: str, rows: Sequence[Any], teacher: dict[str, Optional[dict]],
-                  argv: Sequence[str], minutes: Optional[float] = None, kind: str = "kd") -> None:
+                  argv: Sequence[str], minutes: Optional[float] = None, kind: str = "kd",
+                  teacher_arch: Optional[str] = None) -> None:
     """`root/bench.json`: the benchmark's command (`kddetr bench KIND ...`), its planned rows (variant, seed,
-    slug), the teacher's AP (empty for a benchmark without one) and, once the benchmark has finished in one
-    invocation, its wall time."""
+    slug), the teacher's AP and architecture (none for a benchmark without one) and, once the benchmark has
+    finished in one invocation, its wall time."""
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"command": f"kddetr bench {kind} " + shlex.join(argv), "kind": kind, "arch": arch,
                 "schedule": schedule, "rows": [{"variant": r.variant, "seed": r.seed, "slug": r.slug} for r in rows],
-                "teacher": teacher, "minutes": minutes}
+                "teacher": teacher, "teacher_arch": teacher_arch, "minutes": minutes}
     _write(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -120,6 +121,7 @@ class Bench:
     runs: list[RunRecord]
     minutes: Optional[float] = None
     kind: str = "kd"  # the benchmark that wrote it: "kd" (KD gain table) or "finetune" (--init against none)
+    teacher_arch: Optional[str] = None  # the teacher checkpoint's `model.arch` (`--arch` names the student's recipe)
 
     @property
     def split(self) -> str:
@@ -134,7 +136,7 @@ def load_bench(root: Path) -> Bench:
     manifest = json.loads(manifest_file.read_text())
     runs = [load_run(root / row["slug"], row["variant"], row["seed"]) for row in manifest["rows"]]
     return Bench(root.name, manifest["command"], manifest["arch"], manifest["schedule"], manifest["teacher"], runs,
-                 manifest.get("minutes"), manifest.get("kind", "kd"))
+                 manifest.get("minutes"), manifest.get("kind", "kd"), manifest.get("teacher_arch"))
 
 
 def load_run(folder: Path, variant: str, seed: Optional[int]) -> RunRecord:

@@ -18,8 +18,11 @@ from kddetr.errors import UserError
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm")
 EARLY_STEPS = 500  # a fine-tune's early mark: what `--init` reaches by then
-# a block names one benchmark's records, or (a comparison) several: comma-separated names or globs of names
-BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.*/,-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+# a block names one benchmark's records, or (a comparison) several: comma-separated names or globs of names, or
+# (`glance:`) one line per pair: comma-separated rows, each `+`-joined names or globs
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.*/,+:-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+GLANCE = "glance:"
+ALONE, KD_DETR = "student (no KD)", "KD-DETR general+specific"
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -192,7 +195,7 @@ def drifted_records(roots: Sequence[Path]) -> list[str]:
 
 
 def is_comparison(name: str) -> bool:
-    return "," in name or "*" in name
+    return not name.startswith(GLANCE) and ("," in name or "*" in name)
 
 
 def compared(name: str, benches: dict[str, Bench | Printed]) -> list[Bench]:
@@ -202,6 +205,55 @@ def compared(name: str, benches: dict[str, Bench | Printed]) -> list[Bench]:
     if not found:
         raise UserError(f"results block {name!r} has no records")
     return found
+
+
+def _kd_runs(benches: list[Bench], row: str) -> list[RunRecord]:
+    """The distilled runs a glance row shows: KD-DETR general+specific where its last records have it, else their
+    one distilled variant."""
+    variants = list(dict.fromkeys(r.variant for b in benches for r in b.runs if r.variant != ALONE))
+    if KD_DETR in variants:
+        variants = [KD_DETR]
+    if len(variants) != 1:
+        raise UserError(f"results block glance row {row!r}: its last records hold {len(variants)} distilled "
+                        f"variants ({', '.join(variants) or 'none'}); name records with one")
+    return [r for b in benches for r in b.runs if r.variant == variants[0]]
+
+
+def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
+    """One line per teacher → student pair: the student alone and distilled on the seeds both have, the gain per
+    seed, the teacher. A row is `+`-joined records: the student-alone runs come from any of them, the distilled
+    ones (and the teacher) from the last."""
+    from kddetr.registry import spec
+    lines = ["| teacher → student | steps | seeds | student alone | KD-DETR | gain (per seed) | teacher | records |",
+             "|---|---:|---|---:|---:|---|---:|---|"]
+    splits = set()
+    for row in name.removeprefix(GLANCE).split(","):
+        patterns = row.split("+")
+        last = compared(patterns[-1], benches)
+        alone = {r.seed: r for p in patterns for b in compared(p, benches) for r in b.runs
+                 if r.variant == ALONE and r.finished}
+        kd = _kd_runs(last, row)
+        student = kd[0].config.get("model", {}).get("arch", last[0].arch)
+        pair = f"{spec(last[0].teacher_arch or last[0].arch).name} → {spec(student).name}"
+        seeds = [r.seed for r in kd if r.finished and r.seed in alone]
+        split = last[0].split
+        splits.add(split)
+        teacher = _fmt((last[0].teacher.get(split) or {}).get("AP"))
+        names = " + ".join(f"`{p}`" for p in patterns)
+        if not seeds or not all(r.finished for r in kd):
+            lines.append(f"| {pair} | – | – | – | running | – | {teacher} | {names} |")
+            continue
+        if any(alone[s].steps != kd[0].steps for s in seeds):
+            raise UserError(f"results block glance row {row!r}: the student alone and distilled ran different "
+                            f"schedules ({alone[seeds[0]].steps} and {kd[0].steps} steps)")
+        kd_ap = {r.seed: _split_metrics(r, split)["AP"] for r in kd if r.seed in seeds}
+        alone_ap = {s: _split_metrics(alone[s], split)["AP"] for s in seeds}
+        gain = _mean([kd_ap[s] - alone_ap[s] for s in seeds])
+        per_seed = ", ".join(f"{kd_ap[s] - alone_ap[s]:+.1f}" for s in seeds)
+        lines.append(f"| {pair} | {kd[0].steps} | {', '.join('config' if s is None else str(s) for s in seeds)} | "
+                     f"{_fmt(_mean(list(alone_ap.values())))} | {_fmt(_mean(list(kd_ap.values())))} | "
+                     f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "") + f" | {teacher} | {names} |")
+    return "\n".join(lines) + f"\n\nAP on {' and '.join(sorted(splits)) or 'test'}; the student columns are means over the seeds shown.\n"
 
 
 LABEL_FLAGS = ("--set", "--teacher", "--teacher-set", "--config", "--arch")  # what may tell compared benchmarks apart
@@ -247,7 +299,9 @@ def update_document(text: str, benches: dict[str, Bench | Printed]) -> tuple[str
 
     def replace(match: re.Match) -> str:
         name = match["name"]
-        if is_comparison(name):
+        if name.startswith(GLANCE):
+            body = glance(name, benches)
+        elif is_comparison(name):
             body = comparison(compared(name, benches))[0]
         elif name in benches:
             body = block(benches[name])
