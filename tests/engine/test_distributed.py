@@ -117,6 +117,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow  # kill and resume are checked in one process by test_kill_resume.py, two processes here
 def test_a_killed_rank_stops_the_job_and_resume_finishes_identically(data_dir, tmp_path):
     """One rank dies mid-epoch: torchrun stops the other within a bounded time, names the dead rank, and
     `--resume` ends exactly where an uninterrupted run does."""
