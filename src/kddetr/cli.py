@@ -145,7 +145,7 @@ def _run_config(args: argparse.Namespace):
     from kddetr.engine.checkpoint import CONFIG_FILE, MODEL_FILE, read_checkpoint_config
     path = args.config
     if path.is_dir() or (path.name == CONFIG_FILE and (path.parent / MODEL_FILE).is_file()):
-        return read_checkpoint_config(path if path.is_dir() else path.parent, overrides)[0]  # its classes: not a setting
+        return read_checkpoint_config(path if path.is_dir() else path.parent, overrides)[0]  # classes: not a setting
     return load_config(path, overrides)
 
 

@@ -82,11 +82,11 @@ def _seed_aps(bench: Bench, variant: str, split: str) -> Optional[dict[Optional[
 
 def gains(bench: Bench, split: str) -> list[str]:
     """KD-DETR (general+specific) against no KD, Hungarian KD and the teacher, on the seeds both rows share."""
-    kd = _seed_aps(bench, "KD-DETR general+specific", split)
+    kd = _seed_aps(bench, KD_DETR, split)
     if kd is None:
         return ["KD-DETR general+specific: not finished yet."]
     lines = []
-    for other in ("student (no KD)", "Hungarian KD"):
+    for other in (ALONE, "Hungarian KD"):
         base = _seed_aps(bench, other, split)
         common = [s for s in kd if base is not None and s in base]
         if common:
@@ -253,7 +253,8 @@ def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
         lines.append(f"| {pair} | {kd[0].steps} | {', '.join('config' if s is None else str(s) for s in seeds)} | "
                      f"{_fmt(_mean(list(alone_ap.values())))} | {_fmt(_mean(list(kd_ap.values())))} | "
                      f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "") + f" | {teacher} | {names} |")
-    return "\n".join(lines) + f"\n\nAP on {' and '.join(sorted(splits)) or 'test'}; the student columns are means over the seeds shown.\n"
+    shown = " and ".join(sorted(splits)) or "test"
+    return "\n".join(lines) + f"\n\nAP on {shown}; the student columns are means over the seeds shown.\n"
 
 
 LABEL_FLAGS = ("--set", "--teacher", "--teacher-set", "--config", "--arch")  # what may tell compared benchmarks apart
