@@ -223,11 +223,14 @@ def test_a_glance_row_pairs_each_seed_of_the_student_alone_with_the_distilled_on
                                                teacher_arch="dab_detr", teacher_ap=50.0)}
     lines = report.glance("glance:base,base+probes/a_seed*", benches).splitlines()
     # the first row: KD-DETR general+specific of `base` (not its Hungarian KD) on the one seed it has
-    assert lines[2] == "| DINO → Faster R-CNN | 500 | 0 | 40.0 | 43.0 | **+3.0** | 60.0 | `base` |"
+    assert lines[2] == "| DINO → Faster R-CNN | 500 | 0 | 40.0 | 43.0 | **+3.0** | 60.0 | 15% | `base` |"
     # the second: the student alone from `base`, the distilled runs and the teacher from the last records
-    assert lines[3] == ("| DAB-DETR → Faster R-CNN | 500 | 0, 1 | 42.0 | 43.2 | **+1.2** (+2.0, +0.5) | 50.0 | "
+    assert lines[3] == ("| DAB-DETR → Faster R-CNN | 500 | 0, 1 | 42.0 | 43.2 | **+1.2** (+2.0, +0.5) | 50.0 | 16% | "
                         "`base` + `probes/a_seed*` |")
-    assert lines[-1] == "AP on test; the student columns are means over the seeds shown."
+    assert lines[-1].startswith("AP on test; the student columns are means over the seeds shown; gap closed:")
+    # a teacher that is not above the student alone leaves no gap to close
+    weak = {"base": benches["base"], "weak": _glance_bench("weak", [kd[0]], teacher_ap=39.0)}
+    assert "| 39.0 | – | `base` + `weak` |" in report.glance("glance:base+weak", weak)
 
 
 def test_a_glance_row_refuses_other_schedules_and_ambiguous_variants():
@@ -242,4 +245,4 @@ def test_a_glance_row_refuses_other_schedules_and_ambiguous_variants():
         report.glance("glance:short+two", benches)
     running = {"short": benches["short"], "late": records.Bench("late", "c", "dino", "full", {"test": {"AP": 60.0}},
                                                                  [records.RunRecord("KD-DETR specific", 0, "r0")])}
-    assert "| – | – | – | running | – | 60.0 | `short` + `late` |" in report.glance("glance:short+late", running)
+    assert "| – | – | – | running | – | 60.0 | – | `short` + `late` |" in report.glance("glance:short+late", running)

@@ -221,11 +221,12 @@ def _kd_runs(benches: list[Bench], row: str) -> list[RunRecord]:
 
 def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
     """One line per teacher → student pair: the student alone and distilled on the seeds both have, the gain per
-    seed, the teacher. A row is `+`-joined records: the student-alone runs come from any of them, the distilled
+    seed, the teacher and the share of the student's distance to it that the distillation closed (where the teacher
+    is above the student). A row is `+`-joined records: the student-alone runs come from any of them, the distilled
     ones (and the teacher) from the last."""
     from kddetr.registry import spec
-    lines = ["| teacher → student | steps | seeds | student alone | KD-DETR | gain (per seed) | teacher | records |",
-             "|---|---:|---|---:|---:|---|---:|---|"]
+    lines = ["| teacher → student | steps | seeds | student alone | KD-DETR | gain (per seed) | teacher | gap closed "
+             "| records |", "|---|---:|---|---:|---:|---|---:|---:|---|"]
     splits = set()
     for row in name.removeprefix(GLANCE).split(","):
         patterns = row.split("+")
@@ -238,10 +239,11 @@ def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
         seeds = [r.seed for r in kd if r.finished and r.seed in alone]
         split = last[0].split
         splits.add(split)
-        teacher = _fmt((last[0].teacher.get(split) or {}).get("AP"))
+        teacher_ap = (last[0].teacher.get(split) or {}).get("AP")
+        teacher = _fmt(teacher_ap)
         names = " + ".join(f"`{p}`" for p in patterns)
         if not seeds or not all(r.finished for r in kd):
-            lines.append(f"| {pair} | – | – | – | running | – | {teacher} | {names} |")
+            lines.append(f"| {pair} | – | – | – | running | – | {teacher} | – | {names} |")
             continue
         if any(alone[s].steps != kd[0].steps for s in seeds):
             raise UserError(f"results block glance row {row!r}: the student alone and distilled ran different "
@@ -249,12 +251,15 @@ def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
         kd_ap = {r.seed: _split_metrics(r, split)["AP"] for r in kd if r.seed in seeds}
         alone_ap = {s: _split_metrics(alone[s], split)["AP"] for s in seeds}
         gain = _mean([kd_ap[s] - alone_ap[s] for s in seeds])
+        below = None if teacher_ap is None else teacher_ap - _mean(list(alone_ap.values()))
+        closed = f"{100 * gain / below:.0f}%" if below is not None and below > 0 else "–"
         per_seed = ", ".join(f"{kd_ap[s] - alone_ap[s]:+.1f}" for s in seeds)
         lines.append(f"| {pair} | {kd[0].steps} | {', '.join('config' if s is None else str(s) for s in seeds)} | "
                      f"{_fmt(_mean(list(alone_ap.values())))} | {_fmt(_mean(list(kd_ap.values())))} | "
-                     f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "") + f" | {teacher} | {names} |")
+                     f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "") + f" | {teacher} | {closed} | {names} |")
     shown = " and ".join(sorted(splits)) or "test"
-    return "\n".join(lines) + f"\n\nAP on {shown}; the student columns are means over the seeds shown.\n"
+    return "\n".join(lines) + (f"\n\nAP on {shown}; the student columns are means over the seeds shown; gap closed: the "
+                                "gain over the teacher's lead on the student alone (– where it has none).\n")
 
 
 LABEL_FLAGS = ("--set", "--teacher", "--teacher-set", "--config", "--arch")  # what may tell compared benchmarks apart
