@@ -245,4 +245,5 @@ def test_a_glance_row_refuses_other_schedules_and_ambiguous_variants():
         report.glance("glance:short+two", benches)
     running = {"short": benches["short"], "late": records.Bench("late", "c", "dino", "full", {"test": {"AP": 60.0}},
                                                                  [records.RunRecord("KD-DETR specific", 0, "r0")])}
-    assert "| – | – | – | running | – | 60.0 | – | `short` + `late` |" in report.glance("glance:short+late", running)
+    row = "| – | – | – | running | – | 60.0 | – | `short` + `late` |"
+    assert row in report.glance("glance:short+late", running)

@@ -254,12 +254,13 @@ def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
         below = None if teacher_ap is None else teacher_ap - _mean(list(alone_ap.values()))
         closed = f"{100 * gain / below:.0f}%" if below is not None and below > 0 else "–"
         per_seed = ", ".join(f"{kd_ap[s] - alone_ap[s]:+.1f}" for s in seeds)
+        gains = f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "")
         lines.append(f"| {pair} | {kd[0].steps} | {', '.join('config' if s is None else str(s) for s in seeds)} | "
-                     f"{_fmt(_mean(list(alone_ap.values())))} | {_fmt(_mean(list(kd_ap.values())))} | "
-                     f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "") + f" | {teacher} | {closed} | {names} |")
+                     f"{_fmt(_mean(list(alone_ap.values())))} | {_fmt(_mean(list(kd_ap.values())))} | {gains} | "
+                     f"{teacher} | {closed} | {names} |")
     shown = " and ".join(sorted(splits)) or "test"
-    return "\n".join(lines) + (f"\n\nAP on {shown}; the student columns are means over the seeds shown; gap closed: the "
-                                "gain over the teacher's lead on the student alone (– where it has none).\n")
+    return "\n".join(lines) + (f"\n\nAP on {shown}; the student columns are means over the seeds shown; gap closed: "
+                                "the gain over the teacher's lead on the student alone (– where it has none).\n")
 
 
 LABEL_FLAGS = ("--set", "--teacher", "--teacher-set", "--config", "--arch")  # what may tell compared benchmarks apart
