@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 # Category ids are non-contiguous and listed out of order on purpose.
@@ -44,6 +46,14 @@ def write_coco(root: Path, coco: dict, split: str = "val", image_dir: str | None
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     return root
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs() -> None:
+    """Every test starts from the same random state, whichever tests ran before it in its process (`make test`
+    spreads the files over pytest-xdist workers)."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture

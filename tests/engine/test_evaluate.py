@@ -38,11 +38,12 @@ def test_postprocess_topk_order_and_box_scaling():
 
 
 def test_postprocess_batches_and_caps_top_k():
-    logits, boxes = torch.randn(2, 5, 3), torch.rand(2, 5, 4) * 0.5 + 0.25
+    generator = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 5, 3, generator=generator), torch.rand(2, 5, 4, generator=generator) * 0.5 + 0.25
     preds = postprocess(logits, boxes, torch.tensor([[10, 20], [30, 40]]), top_k=100)
     assert len(preds) == 2 and all(len(p["scores"]) == 15 for p in preds)
-    for p, lg in zip(preds, logits):
-        assert torch.equal(p["scores"], lg.sigmoid().flatten().sort(descending=True).values)
+    for p, lg in zip(preds, logits):  # a sigmoid over another shape may differ in the last bit (vectorised tails)
+        torch.testing.assert_close(p["scores"], lg.sigmoid().flatten().sort(descending=True).values)
     assert preds[1]["boxes"][:, 0::2].max() <= 40 and preds[1]["boxes"][:, 1::2].max() <= 30
 
 
