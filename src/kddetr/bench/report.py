@@ -250,13 +250,12 @@ def glance(name: str, benches: dict[str, Bench | Printed]) -> str:
                             f"schedules ({alone[seeds[0]].steps} and {kd[0].steps} steps)")
         kd_ap = {r.seed: _split_metrics(r, split)["AP"] for r in kd if r.seed in seeds}
         alone_ap = {s: _split_metrics(alone[s], split)["AP"] for s in seeds}
-        gain = _mean([kd_ap[s] - alone_ap[s] for s in seeds])
-        below = None if teacher_ap is None else teacher_ap - _mean(list(alone_ap.values()))
-        closed = f"{100 * gain / below:.0f}%" if below is not None and below > 0 else "–"
+        gain, alone_mean = _mean([kd_ap[s] - alone_ap[s] for s in seeds]), _mean(list(alone_ap.values()))
+        closed = f"{100 * gain / (teacher_ap - alone_mean):.0f}%" if (teacher_ap or 0) > alone_mean else "–"
         per_seed = ", ".join(f"{kd_ap[s] - alone_ap[s]:+.1f}" for s in seeds)
         gains = f"**{gain:+.1f}**" + (f" ({per_seed})" if len(seeds) > 1 else "")
         lines.append(f"| {pair} | {kd[0].steps} | {', '.join('config' if s is None else str(s) for s in seeds)} | "
-                     f"{_fmt(_mean(list(alone_ap.values())))} | {_fmt(_mean(list(kd_ap.values())))} | {gains} | "
+                     f"{_fmt(alone_mean)} | {_fmt(_mean(list(kd_ap.values())))} | {gains} | "
                      f"{teacher} | {closed} | {names} |")
     shown = " and ".join(sorted(splits)) or "test"
     return "\n".join(lines) + (f"\n\nAP on {shown}; the student columns are means over the seeds shown; gap closed: "
