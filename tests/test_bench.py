@@ -61,10 +61,13 @@ def test_each_arch_has_a_teacher_and_a_student_config_with_the_same_kd_block(arc
 
 @pytest.fixture
 def fake_runs(monkeypatch):
-    """`subprocess.run` stubbed: records each command and leaves a finished run (last/, an evaluated epoch)."""
-    calls = []
+    """`subprocess.run` stubbed for `kddetr` commands: records each and leaves a finished run (last/, an evaluated
+    epoch). Other commands (matplotlib's first `fc-list` on a fresh machine) run for real."""
+    calls, real_run = [], subprocess.run
 
     def fake_run(args, **kwargs):
+        if list(args[1:3]) != ["-m", "kddetr"]:
+            return real_run(args, **kwargs)
         calls.append(args)
         run = Path(args[args.index("--out") + 1])
         if args[3] == "eval":  # the bench's evaluation of a finished run (or of the teacher) on a split
@@ -137,6 +140,28 @@ def test_rows_with_committed_records_are_not_trained_again(tmp_path, fake_runs, 
     assert main([*argv, "--out", str(tmp_path / "other_lr"), "--set", "train.lr=1e-3"]) == 0
     assert [a[3] for a in fake_runs if a[3] in ("train", "distill")] == ["train", "distill"]
     assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
+
+
+def test_another_teacher_trains_only_the_distilled_rows_again(tmp_path, fake_runs, monkeypatch):
+    """The student alone never reads the teacher: its record (also one written when no-KD recipes still named the
+    bench's teacher) is taken for another teacher, the distilled row is trained again."""
+    monkeypatch.chdir(REPO)
+    data, records_dir = tmp_path / "data", tmp_path / "records"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_test.json").write_text("{}")
+    for name in ("teacher_a", "teacher_b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("model: {arch: dab_detr}\n")
+    argv = ["--data", str(data), "--records", str(records_dir), "--jobs", "1", "--threads", "1", "--demo"]
+    assert main([*argv, "--teacher", str(tmp_path / "teacher_a"), "--out", str(tmp_path / "a")]) == 0
+    no_kd = records_dir / "student_no_kd" / "command.json"
+    assert json.loads(no_kd.read_text())["teacher"] is None
+    no_kd.write_text(json.dumps(json.loads(no_kd.read_text()) | {"teacher": str(tmp_path / "teacher_a")}))
+
+    fake_runs.clear()
+    assert main([*argv, "--teacher", str(tmp_path / "teacher_b"), "--out", str(tmp_path / "b")]) == 0
+    trained = [a for a in fake_runs if a[3] in ("train", "distill")]
+    assert [a[3] for a in trained] == ["distill"] and str(tmp_path / "teacher_b") in trained[0]
 
 
 def test_a_record_is_trained_again_when_its_config_file_changed(tmp_path, fake_runs, monkeypatch, capsys):

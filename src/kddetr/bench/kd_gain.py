@@ -79,14 +79,23 @@ def device_flags(device: str) -> list[str]:
 
 def row_recipe(row: Row, config: Path, teacher: Path, data: Path, overrides: Sequence[str],
                device: str = "cpu", teacher_overrides: Sequence[str] = ()) -> dict:
-    """What starts the row's run: its `kddetr` command, config, data, teacher (with `teacher_overrides` when it
+    """What starts the row's run: its `kddetr` command, config, data, teacher and `teacher_overrides` (when it
     distils), overrides (seed and variant included) and device. A run, or a committed record, is only taken for the
     row when its recipe is this one."""
     command, extra = VARIANTS[row.variant]
     seed = [] if row.seed is None else [f"train.seed={row.seed}"]
     teacher_flags = [flag for item in teacher_overrides for flag in ("--teacher-set", item)]
     flags = [*device_flags(device), *(teacher_flags if command == "distill" else [])]
-    return recipe(command, config, data, teacher, [*overrides, *seed, *extra], flags)
+    return recipe(command, config, data, teacher if command == "distill" else None, [*overrides, *seed, *extra],
+                  flags)
+
+
+def same_recipe(started: dict, wanted: dict) -> bool:
+    """Whether a run or record `started` by one recipe stands for `wanted`. A `train` run never reads a teacher:
+    the one that older no-KD records name (the bench's teacher then) does not tell them apart."""
+    if started.get("command") == wanted.get("command") == "train":
+        started = started | {"teacher": wanted.get("teacher")}
+    return started == wanted
 
 
 def recipe(command: str, config: Path, data: Path, teacher: Optional[Path], overrides: Sequence[str],
@@ -115,7 +124,7 @@ def recorded(row: Row, wanted: dict, root: Optional[Path]) -> Optional[records.R
     command = folder / "command.json"
     if not (command.is_file() and (folder / "test_metrics.json").is_file()):
         return None
-    if json.loads(command.read_text()) != wanted:
+    if not same_recipe(json.loads(command.read_text()), wanted):
         return None
     drift = records.config_drift(folder)
     if drift:
@@ -148,7 +157,7 @@ def run_recipe(slug: str, wanted: dict, out: Path, threads: int) -> Path:
     """
     run = out / slug
     record = out / f"{slug}.command.json"
-    if (run / "last").is_dir() and record.is_file() and json.loads(record.read_text()) != wanted:
+    if (run / "last").is_dir() and record.is_file() and not same_recipe(json.loads(record.read_text()), wanted):
         raise UserError(f"{run}: started by another command ({record}: {record.read_text().strip()}); "
                         "use another --out or delete the run")
     if finished(run):
