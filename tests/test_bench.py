@@ -74,7 +74,7 @@ def fake_runs(monkeypatch):
             run.parent.mkdir(parents=True, exist_ok=True)
             run.write_text(json.dumps({"AP": 3.0, "AP50": 9.0}))
             return
-        (run / "last").mkdir(parents=True)
+        (run / "last").mkdir(parents=True, exist_ok=True)
         overrides = [args[i + 1] for i, flag in enumerate(args) if flag == "--set"]
         cfg = load_config(args[4], overrides)  # the config `kddetr train|distill` would save
         save_config(cfg, run / "config.yaml")
@@ -140,6 +140,21 @@ def test_rows_with_committed_records_are_not_trained_again(tmp_path, fake_runs, 
     assert main([*argv, "--out", str(tmp_path / "other_lr"), "--set", "train.lr=1e-3"]) == 0
     assert [a[3] for a in fake_runs if a[3] in ("train", "distill")] == ["train", "distill"]
     assert json.loads((records_dir / "bench.json").read_text())["minutes"] > 0
+
+
+def test_a_resumed_bench_records_no_wall_time(tmp_path, fake_runs, monkeypatch):
+    """A row resumed from an earlier sitting's checkpoint: this sitting's minutes are not the command's."""
+    monkeypatch.chdir(REPO)
+    data, records_dir, out = tmp_path / "data", tmp_path / "records", tmp_path / "out"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_test.json").write_text("{}")
+    (out / "student_no_kd" / "last").mkdir(parents=True)
+    argv = ["--data", str(data), "--teacher", str(tmp_path / "teacher"), "--records", str(records_dir), "--jobs",
+            "1", "--threads", "1", "--variants", "student (no KD)", "--out", str(out)]
+    assert main(argv) == 0
+    (trained,) = [a for a in fake_runs if a[3] == "train"]
+    assert "--resume" in trained
+    assert json.loads((records_dir / "bench.json").read_text())["minutes"] is None
 
 
 def test_another_teacher_trains_only_the_distilled_rows_again(tmp_path, fake_runs, monkeypatch):

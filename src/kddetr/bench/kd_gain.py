@@ -295,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out = args.out or Path(("runs/bench_kd" if args.arch == "dab_detr" else f"runs/bench_kd_{args.arch}") + suffix)
     args.out.mkdir(parents=True, exist_ok=True)
     threads = max(1, args.threads // args.jobs)
+    resumed = [run for run in (*(args.out / row.slug for row in rows), args.out / "teacher")
+               if (run / "last").is_dir()]  # trained partly (or wholly) by an earlier sitting
     start = time.time()
     args.teacher = ensure_teacher(args.arch, args.teacher, args.data, args.out, args.overrides, args.threads,
                                   args.device)
@@ -337,8 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar_chart(results, teacher_metrics[split].get("AP"), args.out / "kd_gain.png", split)
     print(f"COCO AP on the {split} split\n\n{md}")
     minutes = (time.time() - start) / 60
-    if args.records and not reused:  # the wall time of the whole command: only when it trained every row
-        records.save_manifest(args.records, **manifest, minutes=minutes)
+    if args.records and not reused:  # the wall time of the whole command: only when it trained every row here
+        records.save_manifest(args.records, **manifest, minutes=None if resumed else minutes)
     print(f"\n{len(rows)} runs in {minutes:.1f} min; table.md and kd_gain.png in {args.out}")
     return 0
 
