@@ -35,11 +35,11 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
     out = capsys.readouterr().out
     titles = re.findall(r"^### (.+)$", out, flags=re.M)
     starts = ["KD overhead", "vs HF transformers", "inference", "memory", "scaling: KD step vs general points",
-              "scaling: image size", "input pipeline: KD step, batch 2"]
+              "scaling: image size", "input pipeline: KD step, batch 2", "threads: wall-clock", "ops: a KD step"]
     assert len(titles) == len(starts) and all(t.startswith(s) for t, s in zip(titles, starts)), titles
     assert "6 general + 12 specific points" in titles[0]  # the teacher got 12 queries for the specific points
     kd_rows = dict(re.findall(r"^\| (KD step \(\w+\)|student step|teacher forward) \| [\d.e-]+ \| ([\d.e-]+) \|$",
-                              out, flags=re.M))
+                              out.split("### threads")[0], flags=re.M))
     assert set(kd_rows) == {"student step", "teacher forward", "KD step (separate)", "KD step (batch)"}
     assert abs(float(kd_rows["student step"]) + float(kd_rows["teacher forward"]) - 1) < 1e-2  # ratios to their sum
     assert len(re.findall(r"^\| part: (student step decoding the points too|teacher forward over the points) \|",
@@ -56,6 +56,31 @@ def test_quick_run_prints_every_table(tiny_run, capsys) -> None:
                              flags=re.M))
     assert set(loader) == {"batches in memory", "DataLoader, 0 workers", "DataLoader, 1 workers"}
     assert float(loader["batches in memory"]) == 1.0
+
+
+def test_threads_and_ops_tables_time_each_thread_count(tiny_run, capsys) -> None:
+    """On 2 threads: each step timed on 1 and 2 threads, the KD step's ops profiled on both; the count restored."""
+    data, teacher = tiny_run
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert speed.main(["--quick", "--only", "threads", "--only", "ops", "--config", str(TINY), "--teacher",
+                           str(teacher), "--data", str(data), "--batch-size", "2", "--general-points", "4"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "| step | 1 thread | 2 threads | speed-up 1 → 2 |" in out
+    steps = re.findall(r"^\| (student step|teacher forward|KD step) \| ([\d.e-]+) \| ([\d.e-]+) \| ([\d.e-]+) \|$",
+                       out, flags=re.M)
+    assert [s[0] for s in steps] == ["student step", "teacher forward", "KD step"]
+    assert all(abs(float(one) / float(two) / float(ratio) - 1) < 0.1 for _, one, two, ratio in steps), steps
+    ops = re.findall(r"^\| ([^|]+?) \| ([\d.e-]+) \| ([\d.e-]+) \| ([\d.e-]+) \| ([\d.e-]+) \|$", out,
+                     flags=re.M)
+    assert ops[-1][:2] == ("all ops", "1.000") and len(ops) == 9
+    assert any(name.startswith("aten::") for name, *_ in ops)
+    shares = [float(share) for _, share, *_ in ops[:-1]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 1.0 + 1e-6
 
 
 def test_teacher_from_a_config_at_another_image_size(tiny_run, capsys) -> None:

@@ -1,4 +1,5 @@
-"""Speed benchmark (`kddetr bench speed`): KD overhead, ours vs HF transformers, inference, memory, scaling.
+"""Speed benchmark (`kddetr bench speed`): KD overhead, ours vs HF transformers, inference, memory, scaling,
+CPU threads and where a KD step's time goes.
 
 Every number is a median over `--repeats` rounds in which the candidates of a table run interleaved (one call
 of each per round), so that load on a shared machine hits them alike; the tables report ratios measured in
@@ -38,7 +39,7 @@ from kddetr.models.protocol import ImageBatch, Queries
 from kddetr.models.query_groups import ISOLATION_MODES
 from kddetr.registry import REGISTRY, spec
 
-TABLES = ("kd", "hf", "inference", "memory", "scaling", "loader")
+TABLES = ("kd", "hf", "inference", "memory", "scaling", "loader", "threads", "ops")
 Step = Callable[[], None]
 
 
@@ -445,6 +446,73 @@ def scaling_tables(bench: Bench) -> str:
     return by_points + "\n\n" + by_size
 
 
+def thread_counts() -> list[int]:
+    """1, the powers of two below this process's CPU thread count, and that count."""
+    most = torch.get_num_threads()
+    return sorted({1, most} | {n for n in (2, 4, 8, 16, 32) if n < most})
+
+
+def on_threads(step: Step, threads: int) -> Step:
+    def run() -> None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            step()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def _three_steps(bench: Bench) -> dict[str, Step]:
+    student = bench.student()
+    return {"student step": bench.train_step(student, detection_loss(bench, student)),
+            "teacher forward": teacher_forward(bench),
+            "KD step": bench.train_step(student, kd_loss(bench, bench.distiller(student)))}
+
+
+def threads_table(bench: Bench) -> str:
+    """Wall-clock seconds of each step on 1 … N CPU threads (N: this process's), interleaved, and the speed-up."""
+    if bench.device.type != "cpu":
+        return "### threads: CPU only"
+    counts = thread_counts()
+    steps = _three_steps(bench)
+    t = median_times({f"{name} @{n}": on_threads(step, n) for name, step in steps.items() for n in counts},
+                     bench.repeats, bench.warmup, bench.device, wall_clock=True)
+    rows = [(name, *(t[f"{name} @{n}"] for n in counts), t[f"{name} @1"] / t[f"{name} @{counts[-1]}"])
+            for name in steps]
+    return markdown(f"threads: wall-clock s per step on {', '.join(map(str, counts))} CPU threads",
+                    ["step", *(f"{n} thread{'s' * (n > 1)}" for n in counts), f"speed-up 1 → {counts[-1]}"], rows)
+
+
+def ops_table(bench: Bench, top: int = 8) -> str:
+    """The ops taking most of a KD step's CPU time (torch.profiler, self time) on 1 and on N threads."""
+    if bench.device.type != "cpu":
+        return "### ops: CPU only"
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = sorted({1, torch.get_num_threads()})
+    kd_step = _three_steps(bench)["KD step"]
+    rounds = max(1, bench.repeats)
+    per_op: dict[int, dict[str, float]] = {}
+    for n in counts:
+        step = on_threads(kd_step, n)
+        for _ in range(bench.warmup):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(rounds):
+                step()
+        per_op[n] = {e.key: e.self_cpu_time_total / 1e3 / rounds for e in prof.key_averages()}
+    one, most = per_op[1], per_op[counts[-1]]
+    total = sum(one.values())
+    names = sorted(one, key=one.get, reverse=True)[:top]
+    rows = [(name, one[name] / total, one[name], most.get(name, 0.0), one[name] / max(most.get(name, 0.0), 1e-9))
+            for name in names]
+    rows.append(("all ops", 1.0, total, sum(most.values()), total / sum(most.values())))
+    return markdown(f"ops: a KD step's CPU self time by op (torch.profiler, mean of {rounds} steps), the top {top} "
+                    f"on 1 thread", ["op", "share on 1 thread", "ms on 1 thread", f"ms on {counts[-1]} threads",
+                                     f"speed-up 1 → {counts[-1]}"], rows)
+
+
 def resized(images: ImageBatch, size: int) -> ImageBatch:
     tensors = F.interpolate(images.tensors, size=(size, size), mode="bilinear", align_corners=False)
     return ImageBatch(tensors, torch.zeros(tensors.shape[0], size, size, dtype=torch.bool, device=tensors.device))
@@ -534,7 +602,8 @@ def run(args: argparse.Namespace) -> Iterator[str]:
         f"median {clock} of {bench.repeats} interleaved rounds"
     tables = {"kd": kd_table, "hf": hf_table, "inference": inference_table,
               "memory": lambda b: memory_table(b, args), "scaling": scaling_tables,
-              "loader": lambda b: loader_table(b, args.data, [b.cfg.data.num_workers, *args.loader_workers])}
+              "loader": lambda b: loader_table(b, args.data, [b.cfg.data.num_workers, *args.loader_workers]),
+              "threads": threads_table, "ops": ops_table}
     for name in args.only or TABLES:
         yield tables[name](bench)
 
