@@ -117,6 +117,25 @@ def test_a_block_without_records_is_an_error(bench_records, tmp_path):
         report.main([str(bench_records.parent), "--docs", str(readme), "--check"])
 
 
+def test_a_marker_that_opens_no_block_is_an_error(bench_records, tmp_path):
+    """A marker the block pattern cannot read (here: a space in its name, or no closing marker) is never skipped."""
+    readme = tmp_path / "README.md"
+    for text in ("<!-- results:kd full -->\n<!-- /results -->\n", "<!-- results:kd_full -->\ntable\n"):
+        readme.write_text(text)
+        with pytest.raises(UserError, match=re.escape(f"{readme}: results marker '{text.splitlines()[0]}' opens no")):
+            report.main([str(bench_records.parent), "--docs", str(readme), "--check"])
+
+
+def test_a_glob_with_a_character_class_picks_those_records(bench_records, tmp_path):
+    for seed in (0, 1, 2):
+        shutil.copytree(bench_records, tmp_path / "records" / "probes" / f"p_seed{seed}")
+    benches = report.find_benches([tmp_path / "records"])
+    text = "<!-- results:kd_full,probes/p_seed[01] -->\n<!-- /results -->\n"
+    new, changed = report.update_document(text, benches)
+    assert changed == ["kd_full,probes/p_seed[01]"]
+    assert "`p_seed0`" in new and "`p_seed1`" in new and "p_seed2" not in new
+
+
 @pytest.mark.parametrize("doc", report.DOCS)
 def test_every_results_table_in_the_docs_is_what_the_committed_records_give(doc):
     text = (REPO / doc).read_text()

@@ -20,7 +20,8 @@ KEYS = ("AP", "AP50", "AP75", "APs", "APm")
 EARLY_STEPS = 500  # a fine-tune's early mark: what `--init` reaches by then
 # a block names one benchmark's records, or (a comparison) several: comma-separated names or globs of names, or
 # (`glance:`) one line per pair: comma-separated rows, each `+`-joined names or globs
-BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.*/,+:-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.*/,+:\[\]!-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+MARKER = re.compile(r"<!-- results:.*?-->")  # every opening marker, a well-formed block's or not
 GLANCE = "glance:"
 ALONE, KD_DETR = "student (no KD)", "KD-DETR general+specific"
 
@@ -302,6 +303,11 @@ def update_document(text: str, benches: dict[str, Bench | Printed]) -> tuple[str
     """A document's `text` with every `<!-- results:NAME -->` block regenerated; also the names of the blocks that
     changed."""
     changed: list[str] = []
+    starts = {match.start() for match in BLOCK.finditer(text)}
+    for marker in MARKER.finditer(text):
+        if marker.start() not in starts:
+            raise UserError(f"results marker {marker[0]!r} opens no block: a name of letters, digits and . * / , + : "
+                            "[ ] ! -, then a line break, the table, and <!-- /results -->")
 
     def replace(match: re.Match) -> str:
         name = match["name"]
