@@ -368,8 +368,7 @@ def _peak_step(bench: Bench, kind: str) -> Step:
     if kind == "train":
         return bench.train_step(student, detection_loss(bench, student))
     if kind == "KD":
-        distiller = bench.distiller(student)
-        return bench.train_step(student, kd_loss(bench, distiller))
+        return kd_train_step(bench, student)
     student.eval()
 
     def run() -> None:
@@ -463,11 +462,14 @@ def on_threads(step: Step, threads: int) -> Step:
     return run
 
 
+def kd_train_step(bench: Bench, student: nn.Module) -> Step:
+    return bench.train_step(student, kd_loss(bench, bench.distiller(student)))
+
+
 def _three_steps(bench: Bench) -> dict[str, Step]:
     student = bench.student()
     return {"student step": bench.train_step(student, detection_loss(bench, student)),
-            "teacher forward": teacher_forward(bench),
-            "KD step": bench.train_step(student, kd_loss(bench, bench.distiller(student)))}
+            "teacher forward": teacher_forward(bench), "KD step": kd_train_step(bench, student)}
 
 
 def threads_table(bench: Bench) -> str:
@@ -491,7 +493,7 @@ def ops_table(bench: Bench, top: int = 8) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     counts = sorted({1, torch.get_num_threads()})
-    kd_step = _three_steps(bench)["KD step"]
+    kd_step = kd_train_step(bench, bench.student())
     rounds = max(1, bench.repeats)
     per_op: dict[int, dict[str, float]] = {}
     for n in counts:
@@ -503,11 +505,11 @@ def ops_table(bench: Bench, top: int = 8) -> str:
                 step()
         per_op[n] = {e.key: e.self_cpu_time_total / 1e3 / rounds for e in prof.key_averages()}
     one, most = per_op[1], per_op[counts[-1]]
-    total = sum(one.values())
+    total, total_most = sum(one.values()), sum(most.values())
     names = sorted(one, key=one.get, reverse=True)[:top]
     rows = [(name, one[name] / total, one[name], most.get(name, 0.0), one[name] / max(most.get(name, 0.0), 1e-9))
             for name in names]
-    rows.append(("all ops", 1.0, total, sum(most.values()), total / sum(most.values())))
+    rows.append(("all ops", 1.0, total, total_most, total / total_most))
     return markdown(f"ops: a KD step's CPU self time by op (torch.profiler, mean of {rounds} steps), the top {top} "
                     f"on 1 thread", ["op", "share on 1 thread", "ms on 1 thread", f"ms on {counts[-1]} threads",
                                      f"speed-up 1 → {counts[-1]}"], rows)
